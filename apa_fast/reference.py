@@ -1,0 +1,66 @@
+"""The unfused PyTorch versions of every op: plain code, written the way a trainer writes it today.
+
+They are the benchmark baseline (`torch` provider) and the test oracle's sibling (the tests run them in
+float64). They materialise the float32 ``[tokens x vocab]`` log-softmax and its gradient; the fused paths
+in `apa_fast.loss` compute the same numbers without doing so.
+
+Shapes: ``logits (..., V)``; ``labels``, ``mask``, ``ref_logprobs``, ``old_logprobs``, ``advantages`` ``(...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _counted(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & mask.bool()
+    return valid
+
+
+def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
+    """float32 ``(...)``: ``log_softmax(logits / temperature)[label]``, 0 where ``label == ignore_index``."""
+    valid = labels != ignore_index
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+def _reduce(per_token, valid, reduction):
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+def apa_loss(logits, labels, ref_logprobs, advantages, mask=None, *, lam=1.0, temperature=1.0,
+             ignore_index=-100, reduction="mean"):
+    """APA: ``(logp - ref_logprobs - advantages / lam) ** 2`` over counted tokens."""
+    valid = _counted(labels, mask, ignore_index)
+    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    residual = logp - ref_logprobs.float() - advantages.float() / lam
+    return _reduce(residual.square(), valid, reduction)
+
+
+def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, clip_eps=0.2, temperature=1.0,
+             ignore_index=-100, reduction="mean"):
+    """PPO's clipped surrogate: ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``, ratio to the sampler."""
+    valid = _counted(labels, mask, ignore_index)
+    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    ratio = torch.exp(logp - old_logprobs.float())
+    adv = advantages.float()
+    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+    return _reduce(surrogate, valid, reduction)
+
+
+def awr_loss(logits, labels, advantages, mask=None, *, lam=1.0, max_weight=20.0, temperature=1.0,
+             ignore_index=-100, reduction="mean"):
+    """AWR: ``-min(exp(advantages / lam), max_weight) * logp`` (the weight is data, not differentiated)."""
+    valid = _counted(labels, mask, ignore_index)
+    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    weight = torch.exp(advantages.float() / lam).clamp(max=max_weight)
+    return _reduce(-weight * logp, valid, reduction)
