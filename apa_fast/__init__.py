@@ -1,0 +1,19 @@
+"""apa_fast: fused kernels for RLHF fine-tuning with APA (Advantage-Induced Policy Alignment).
+
+Public API (see README.md):
+    apa_fast.loss        fused APA loss on logits
+    apa_fast.logprobs    fused token log-probabilities
+    apa_fast.ppo_loss    PPO's clipped surrogate through the same kernel (baseline)
+    apa_fast.awr_loss    AWR's weighted log-likelihood through the same kernel (baseline)
+    apa_fast.gae         batched generalized advantage estimation (compiled extension or torch)
+    apa_fast.reference   the unfused PyTorch versions (benchmark baseline, test oracle's sibling)
+
+Importing the package needs only torch: Triton, the compiled extension and the trainer's dependencies
+load lazily, and `python -m apa_fast.info` explains any that are missing.
+"""
+
+from . import reference
+from .loss import awr_loss, logprobs, loss, ppo_loss
+
+__version__ = "0.1.0"
+__all__ = ["loss", "logprobs", "ppo_loss", "awr_loss", "reference", "__version__"]
