@@ -6,6 +6,7 @@ Public API (see README.md):
     apa_fast.ppo_loss    PPO's clipped surrogate through the same kernel (baseline)
     apa_fast.awr_loss    AWR's weighted log-likelihood through the same kernel (baseline)
     apa_fast.gae         batched generalized advantage estimation (compiled extension or torch)
+    apa_fast.APALoss     nn.Module wrapper of apa_fast.loss
     apa_fast.reference   the unfused PyTorch versions (benchmark baseline, test oracle's sibling)
 
 Importing the package needs only torch: Triton, the compiled extension and the trainer's dependencies
@@ -13,7 +14,8 @@ load lazily, and `python -m apa_fast.info` explains any that are missing.
 """
 
 from . import reference
-from .loss import awr_loss, logprobs, loss, ppo_loss
+from .logprob import awr_loss, logprobs, loss, ppo_loss
+from .nn import APALoss
 
 __version__ = "0.1.0"
-__all__ = ["loss", "logprobs", "ppo_loss", "awr_loss", "reference", "__version__"]
+__all__ = ["loss", "logprobs", "ppo_loss", "awr_loss", "APALoss", "reference", "__version__"]

@@ -217,8 +217,10 @@ class _FusedLogprobLoss(torch.autograd.Function):
         if ctx.inplace_backward:
             grad_logits, out3d = logits.detach(), rows3d
         else:
-            grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            out3d = _as_rows3d(grad_logits)
+            # Same (outer, inner) row decomposition as the logits, contiguous; rows enumerate the leading
+            # dimensions in order, so the buffer views back as logits.shape.
+            out3d = torch.empty(rows3d.shape, dtype=logits.dtype, device=logits.device)
+            grad_logits = out3d.view(logits.shape)
         ctx.backward_impl(rows3d, labels, lse, row_grad.contiguous(), out3d, inv_temperature=ctx.inv_temperature)
         return grad_logits, None, None, None, None, None, None, None, None, None, None
 

@@ -1,0 +1,73 @@
+"""Reward functions: ``(prompts, responses) -> scores``, from a named Python callable or a sequence classifier."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Callable
+
+import torch
+
+RewardFn = Callable[[list[str], list[str]], "torch.Tensor | list[float]"]
+
+# Words of the bundled dialogues' helpful answers; each is a single token of the tokenizer trained on them.
+CHEERFUL = ("sure", "yes", "happy", "help", "good", "thanks", "glad", "great", "patient", "practice", "simple")
+CHEERFUL_SATURATION = 4
+
+
+def cheerful_words(prompts: list[str], responses: list[str]) -> list[float]:
+    """The tiny default's rule-based reward in [0, 1]: cheerful words in the response, saturating at 4.
+
+    A random-init policy emits one such word per few responses; it learns to emit them by shifting the
+    marginals of about twenty tokens, which a two-layer model does within a couple of minutes on a CPU.
+    """
+    return [
+        min(sum(response.lower().count(word) for word in CHEERFUL), CHEERFUL_SATURATION) / CHEERFUL_SATURATION
+        for response in responses
+    ]
+
+
+class ClassifierReward:
+    """An `AutoModelForSequenceClassification` scoring ``prompt + response`` texts by its first logit."""
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, use_safetensors=True)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        texts = [p + r for p, r in zip(prompts, responses)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                                   truncation=True).to(self.device)
+            scores.append(self.model(**batch).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def load_reward(spec: str | RewardFn, device: torch.device, dtype: torch.dtype) -> RewardFn:
+    """``spec`` as a reward function: a callable, ``"package.module:function"``, or a classifier path/hub name."""
+    if callable(spec):
+        return spec
+    if re.fullmatch(r"[\w.]+:[\w.]+", spec):
+        module_name, _, attr = spec.partition(":")
+        target = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+        return target
+    return ClassifierReward(spec, device, dtype)
+
+
+def score(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """float32 ``(B,)`` scores, checked for shape so that a wrong reward function fails where it is called."""
+    scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).flatten().cpu()
+    if scores.numel() != len(responses):
+        raise ValueError(f"the reward function returned {scores.numel()} scores for {len(responses)} responses")
+    return scores

@@ -1,0 +1,383 @@
+"""apa_fast.loss / logprobs / ppo_loss / awr_loss against a float64 oracle, on both backends.
+
+Tolerances (relative L2 error against float64 on the same inputs, see `TOLERANCES`):
+- values are computed with float32 accumulation whatever the logits' dtype: 2e-5 for every dtype;
+- gradients are written in the logits' dtype: float32 2e-5; bfloat16 8e-3 (its 8-bit mantissa rounds each
+  element by up to 2**-9 relative); float16 1e-3 (11-bit mantissa).
+For bf16/fp16 the fused result must also be at most `LOW_PRECISION_FACTOR` times the error of the unfused
+float32-accumulating PyTorch computation (`apa_fast.reference`) on the same low-precision inputs.
+"""
+
+import pytest
+import torch
+from conftest import assert_close_rel, rel_err
+
+import apa_fast
+from apa_fast import _dispatch
+from apa_fast import logprob as loss_module
+
+BACKENDS = ["triton", "torch"]
+KINDS = ["apa", "ppo", "awr", "logprobs"]
+TOLERANCES = {  # dtype: (value tolerance, gradient tolerance)
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 8e-3),
+    torch.float16: (2e-5, 1e-3),
+}
+LOW_PRECISION_FACTOR = 2.0
+# Triton's interpreter truncates float32 -> bfloat16 stores (its cast passes no rounding mode; a GPU rounds
+# to nearest even), which doubles the expected rounding error of bf16 gradients on CPU test runs only.
+INTERPRETER_BF16_FACTOR = 4.0
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------------
+# The float64 oracle: written independently of apa_fast.reference.
+# ----------------------------------------------------------------------------------------------------
+def oracle(kind, logits, labels, aux, adv, mask, *, lam=1.0, clip_eps=0.2, max_weight=20.0, temperature=1.0,
+           reduction="mean", weights=None):
+    """(value, dlogits) in float64. ``weights`` turn a non-scalar output into a scalar for the gradient."""
+    x = logits.detach().double().requires_grad_()
+    counted = labels != IGNORE
+    if mask is not None:
+        counted = counted & mask.bool()
+    scaled = x / temperature
+    lse = scaled.exp().sum(-1).log() if scaled.abs().max() < 300 else torch.logsumexp(scaled, -1)
+    target = scaled.gather(-1, torch.where(labels == IGNORE, 0, labels).long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(counted, target - lse, 0.0)
+    if kind == "logprobs":
+        out = logp
+    else:
+        a = adv.double()
+        if kind == "apa":
+            per_token = (logp - aux.double() - a / lam) ** 2
+        elif kind == "ppo":
+            ratio = torch.exp(logp - aux.double())
+            per_token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+        else:
+            per_token = -torch.exp(a / lam).clamp(max=max_weight) * logp
+        per_token = torch.where(counted, per_token, 0.0)
+        if reduction == "none":
+            out = per_token
+        elif reduction == "sum":
+            out = per_token.sum()
+        else:
+            out = per_token.sum() / counted.sum().clamp(min=1)
+    scalar = out if out.dim() == 0 else (out * weights.double()).sum()
+    scalar.backward()
+    return out.detach(), x.grad
+
+
+def run_fused(kind, backend, logits, labels, aux, adv, mask, *, lam=1.0, temperature=1.0, reduction="mean",
+              weights=None, inplace_backward=False):
+    """(value, dlogits) of the library op."""
+    x = logits.detach().clone().requires_grad_()
+    common = dict(temperature=temperature, ignore_index=IGNORE, backend=backend)
+    if kind == "logprobs":
+        out = apa_fast.logprobs(x, labels, **common)
+    else:
+        common.update(reduction=reduction, inplace_backward=inplace_backward)
+        if kind == "apa":
+            out = apa_fast.loss(x, labels, aux, adv, mask, lam=lam, **common)
+        elif kind == "ppo":
+            out = apa_fast.ppo_loss(x, labels, aux, adv, mask, **common)
+        else:
+            out = apa_fast.awr_loss(x, labels, adv, mask, lam=lam, **common)
+    scalar = out if out.dim() == 0 else (out * weights).sum()
+    scalar.backward()
+    return out.detach(), x.grad
+
+
+def make_inputs(rows_shape, vocab, *, dtype=torch.float32, scale=3.0, ignore_frac=0.15, mask_frac=0.25):
+    """Random logits (never zeros), labels with some ignore_index, a mask with holes, per-token data."""
+    logits = (torch.randn(*rows_shape, vocab) * scale).to(dtype)
+    labels = torch.randint(0, vocab, rows_shape)
+    labels[torch.rand(rows_shape) < ignore_frac] = IGNORE
+    mask = torch.rand(rows_shape) >= mask_frac
+    # aux: near the log-probs so that PPO ratios fall on both sides of the clip range.
+    aux = -torch.rand(rows_shape) * 2 - torch.log(torch.tensor(float(vocab)))
+    adv = torch.randn(rows_shape)
+    weights = torch.randn(rows_shape)
+    return logits, labels, aux, adv, mask, weights
+
+
+def check(kind, backend, logits, labels, aux, adv, mask, weights, *, what, **kwargs):
+    dtype = logits.dtype
+    value_tol, grad_tol = TOLERANCES[dtype]
+    ref_mask = None if kind == "logprobs" else mask
+    want_value, want_grad = oracle(kind, logits, labels, aux, adv, ref_mask, weights=weights, **kwargs)
+    got_value, got_grad = run_fused(kind, backend, logits, labels, aux, adv, ref_mask, weights=weights, **kwargs)
+    assert got_value.dtype == torch.float32
+    assert got_grad.dtype == dtype and got_grad.shape == logits.shape
+    assert_close_rel(got_value, want_value, value_tol, f"{what} value")
+    assert_close_rel(got_grad, want_grad, grad_tol, f"{what} grad")
+    return got_value, got_grad, want_value, want_grad
+
+
+# ----------------------------------------------------------------------------------------------------
+# Values and gradients against float64.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_loss_and_reduction(backend, kind, reduction):
+    inputs = make_inputs((3, 7), 1003)  # 1003: not a multiple of any block size
+    check(kind, backend, *inputs, reduction=reduction, temperature=0.7, lam=0.5, what=f"{kind}/{reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "rows_shape, vocab",
+    [
+        ((3,), 50400),  # GPT-J's vocabulary: 13 blocks of 4096, the last one partial
+        ((2, 5), 4097),  # one element past a power of two
+        ((7,), 3),  # a vocabulary of 3
+        ((1,), 517),  # one row
+        ((1, 1), 1),  # one token, one-word vocabulary: log-prob exactly 0
+        ((2, 2, 3), 129),  # three leading dimensions
+    ],
+)
+def test_shapes(backend, rows_shape, vocab):
+    inputs = make_inputs(rows_shape, vocab)
+    check("apa", backend, *inputs, lam=0.1, what=f"{rows_shape}x{vocab}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gptj_vocab_logprobs(backend):
+    logits, labels, *_ = make_inputs((4,), 50400, ignore_frac=0.0)
+    got = apa_fast.logprobs(logits, labels, backend=backend)
+    want = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None])[:, 0]
+    assert_close_rel(got, want, 2e-5, "logprobs at V=50400")
+    assert (got < 0).all(), "log-probabilities of a 50400-way softmax must be negative"
+
+
+def _strided_views():
+    base = torch.randn(2, 9, 300) * 2
+    yield "time slice [:, :-1]", base[:, :-1]
+    yield "vocab stride 2", torch.randn(2, 4, 600)[..., ::2]
+    yield "transposed leading dims", torch.randn(5, 3, 211).transpose(0, 1)
+    yield "non-mergeable 3-D leading slice", torch.randn(2, 3, 4, 97)[:, :, 1:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, logits", list(_strided_views()), ids=lambda v: v if isinstance(v, str) else "")
+def test_strided_logits(backend, name, logits):
+    _, labels, aux, adv, mask, weights = make_inputs(logits.shape[:-1], logits.shape[-1])
+    check("apa", backend, logits, labels, aux, adv, mask, weights, temperature=1.3, what=name)
+
+
+def test_time_slice_is_not_copied():
+    base = torch.randn(2, 9, 300)
+    rows3d = loss_module._as_rows3d(base[:, :-1])
+    assert rows3d.data_ptr() == base.data_ptr() and rows3d.shape == (2, 8, 300)
+    merged = loss_module._as_rows3d(base[:, 3:5].unsqueeze(0))
+    assert merged.data_ptr() == base[:, 3:5].data_ptr() and merged.shape == (2, 2, 300)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["apa", "ppo", "awr"])
+def test_nothing_counts(backend, kind):
+    logits, labels, aux, adv, mask, weights = make_inputs((2, 6), 257)
+    mask = torch.zeros_like(mask)
+    for reduction in ("mean", "sum"):
+        value, grad = run_fused(kind, backend, logits, labels, aux, adv, mask, reduction=reduction)
+        assert value.item() == 0.0
+        assert torch.equal(grad, torch.zeros_like(grad))
+    labels = torch.full_like(labels, IGNORE)
+    value, grad = run_fused("logprobs", backend, logits, labels, aux, adv, None, weights=weights)
+    assert torch.equal(value, torch.zeros_like(value)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_that_do_not_count_get_exact_zero_gradients(backend):
+    logits, labels, aux, adv, mask, weights = make_inputs((4, 5), 333, ignore_frac=0.3, mask_frac=0.3)
+    logits[~mask] = 1e4  # huge logits on rows that do not count must not leak NaN/inf into anything
+    _, grad = run_fused("apa", backend, logits, labels, aux, adv, mask)
+    skipped = ~mask | (labels == IGNORE)
+    assert skipped.any() and (~skipped).any()
+    assert torch.equal(grad[skipped], torch.zeros_like(grad[skipped]))
+    assert (grad[~skipped] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["apa", "logprobs"])
+def test_low_precision_is_as_accurate_as_float32_torch(backend, dtype, kind):
+    logits, labels, aux, adv, mask, weights = make_inputs((4, 6), 2011, dtype=dtype)
+    mask_arg = None if kind == "logprobs" else mask
+    got_value, got_grad, want_value, want_grad = check(kind, backend, logits, labels, aux, adv, mask, weights,
+                                                       lam=0.5, what=str(dtype))
+    # The unfused PyTorch path on the same low-precision inputs (float32 accumulation, grad in `dtype`).
+    x = logits.clone().requires_grad_()
+    if kind == "logprobs":
+        torch_value = apa_fast.reference.logprobs(x, labels, ignore_index=IGNORE)
+        (torch_value * weights).sum().backward()
+    else:
+        torch_value = apa_fast.reference.apa_loss(x, labels, aux, adv, mask_arg, lam=0.5, ignore_index=IGNORE)
+        torch_value.backward()
+    floor_value = 1e-7 * want_value.norm().item() + 1e-12
+    assert rel_err(got_value, want_value) <= LOW_PRECISION_FACTOR * rel_err(torch_value, want_value) + floor_value
+    interpreted_bf16 = backend == "triton" and dtype == torch.bfloat16 and _dispatch.interpreter_enabled()
+    factor = INTERPRETER_BF16_FACTOR if interpreted_bf16 else LOW_PRECISION_FACTOR
+    assert rel_err(got_grad, want_grad) <= factor * rel_err(x.grad, want_grad) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_overwrites_logits_with_gradient(backend):
+    logits, labels, aux, adv, mask, weights = make_inputs((3, 4), 1001)
+    _, want_grad = oracle("apa", logits, labels, aux, adv, mask)
+    buffer = logits.clone().requires_grad_()
+    apa_fast.loss(buffer, labels, aux, adv, mask, ignore_index=IGNORE, backend=backend,
+                  inplace_backward=True).backward()
+    assert buffer.grad.data_ptr() == buffer.data_ptr()
+    # Every element of the (random, non-zero) buffer was rewritten, rows that do not count with zeros.
+    assert_close_rel(buffer.detach(), want_grad, 2e-5, "in-place gradient")
+
+
+def test_backends_agree_on_unseen_inputs():
+    """Fresh shapes drawn at random each run: the two backends and the oracle agree."""
+    rows_shape = tuple(int(n) for n in torch.randint(1, 6, (2,)))
+    vocab = int(torch.randint(2, 6000, ()))
+    inputs = make_inputs(rows_shape, vocab)
+    triton_value, triton_grad, *_ = check("apa", "triton", *inputs, temperature=0.9, what="triton")
+    torch_value, torch_grad, *_ = check("apa", "torch", *inputs, temperature=0.9, what="torch")
+    assert_close_rel(triton_value, torch_value, 2e-5, "triton vs torch value")
+    assert_close_rel(triton_grad, torch_grad, 2e-5, "triton vs torch grad")
+
+
+def test_reference_matches_oracle():
+    logits, labels, aux, adv, mask, _ = make_inputs((3, 5), 777)
+    for kind, ref in [("apa", apa_fast.reference.apa_loss), ("ppo", apa_fast.reference.ppo_loss)]:
+        want, _ = oracle(kind, logits, labels, aux, adv, mask)
+        assert_close_rel(ref(logits, labels, aux, adv, mask, ignore_index=IGNORE), want, 2e-5, kind)
+    want, _ = oracle("awr", logits, labels, aux, adv, mask)
+    got = apa_fast.reference.awr_loss(logits, labels, adv, mask, ignore_index=IGNORE)
+    assert_close_rel(got, want, 2e-5, "awr")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: the torch backend never holds a float32 [rows x vocab] tensor.
+# ----------------------------------------------------------------------------------------------------
+class LargestFloatOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest float32 tensor any op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_torch_backend_works_in_chunks(monkeypatch):
+    monkeypatch.setattr(loss_module, "TORCH_CHUNK_BYTES", 64 * 1024)
+    rows, vocab = 64, 1000
+    logits, labels, aux, adv, mask, _ = make_inputs((rows,), vocab, dtype=torch.bfloat16)
+    x = logits.clone().requires_grad_()
+    with LargestFloatOutput() as forward_mode:
+        value = apa_fast.loss(x, labels, aux, adv, mask, ignore_index=IGNORE, backend="torch")
+    with LargestFloatOutput() as backward_mode:
+        value.backward()
+    chunk_elems = 64 * 1024 // 4
+    assert forward_mode.largest <= chunk_elems
+    assert backward_mode.largest <= chunk_elems
+    with LargestFloatOutput() as unfused_mode:
+        apa_fast.reference.apa_loss(logits.clone().requires_grad_(), labels, aux, adv, mask).backward()
+    assert unfused_mode.largest >= rows * vocab  # the check above can fail: the unfused path does it
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors: raised before any kernel runs, naming the argument.
+# ----------------------------------------------------------------------------------------------------
+def _good():
+    logits, labels, aux, adv, mask, _ = make_inputs((2, 3), 11)
+    return dict(logits=logits, labels=labels, ref_logprobs=aux, advantages=adv, mask=mask)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(lam=0.0), ValueError, "lam"),
+        (dict(lam=-1.0), ValueError, "lam"),
+        (dict(lam=float("nan")), ValueError, "lam"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels must have shape"),
+        (dict(ref_logprobs=torch.randn(3, 2)), ValueError, "ref_logprobs must have shape"),
+        (dict(advantages=torch.randn(2, 3, 1)), ValueError, "advantages must have shape"),
+        (dict(mask=torch.ones(2, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (dict(labels=torch.rand(2, 3)), TypeError, "labels must be an integer"),
+        (dict(labels=torch.ones(2, 3, dtype=torch.bool)), TypeError, "labels must be an integer"),
+        (dict(labels=torch.full((2, 3), 11)), ValueError, r"labels must be in \[0, 11\).*found 11"),
+        (dict(labels=torch.full((2, 3), -5)), ValueError, "found -5"),
+        (dict(ref_logprobs=torch.ones(2, 3, dtype=torch.long)), TypeError, "ref_logprobs must be a floating"),
+        (dict(mask=torch.rand(2, 3)), TypeError, "mask must be a bool"),
+        (dict(logits=torch.randn(2, 3, 11).double()), TypeError, "logits must be float32"),
+        (dict(logits=torch.randint(0, 5, (2, 3, 11))), TypeError, "logits must be float32"),
+        (dict(logits=torch.randn(2, 3, 0)), ValueError, "V >= 1"),
+        (dict(advantages=torch.randn(2, 3, device="meta")), ValueError, "advantages is on meta"),
+        (dict(labels=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "labels is on meta"),
+        (dict(logits=[[1.0]]), TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_errors(change, error, match):
+    args = _good()
+    kwargs = {k: change.pop(k) for k in list(change) if k in ("lam", "temperature", "reduction", "backend")}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        apa_fast.loss(**args, **kwargs)
+
+
+def test_other_ops_check_their_parameters():
+    args = _good()
+    with pytest.raises(ValueError, match="clip_eps"):
+        apa_fast.ppo_loss(args["logits"], args["labels"], args["ref_logprobs"], args["advantages"], clip_eps=0)
+    with pytest.raises(ValueError, match="max_weight"):
+        apa_fast.awr_loss(args["logits"], args["labels"], args["advantages"], max_weight=-1.0)
+    with pytest.raises(ValueError, match="old_logprobs must have shape"):
+        apa_fast.ppo_loss(args["logits"], args["labels"], torch.randn(5), args["advantages"])
+    with pytest.raises(ValueError, match="labels must be in"):
+        apa_fast.logprobs(args["logits"], torch.full((2, 3), 99))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch.
+# ----------------------------------------------------------------------------------------------------
+def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
+    assert _dispatch.pick_loss_backend("auto", torch.device("cpu")) == "torch"
+    assert _dispatch.pick_loss_backend("auto", torch.device("cuda", 0)) == "triton"
+    assert _dispatch.pick_loss_backend("torch", torch.device("cuda", 0)) == "torch"
+
+
+def test_auto_runs_the_torch_path_on_cpu(monkeypatch):
+    picked = []
+    original = loss_module._implementation
+    monkeypatch.setattr(loss_module, "_implementation", lambda b: picked.append(b) or original(b))
+    apa_fast.loss(**_good(), backend="auto")
+    assert picked == ["torch"]
+
+
+def test_explicit_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        apa_fast.loss(**_good(), backend="triton")
+    assert _dispatch.pick_loss_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_missing_triton_is_explained(monkeypatch):
+    monkeypatch.setattr(_dispatch, "triton_status", lambda: (False, "triton is not importable (test)"))
+    with pytest.raises(RuntimeError, match="triton is not importable"):
+        _dispatch.pick_loss_backend("triton", torch.device("cuda", 0))
+    assert _dispatch.pick_loss_backend("auto", torch.device("cuda", 0)) == "torch"
+
+
+def test_module_wrappers():
+    args = _good()
+    module = apa_fast.APALoss(lam=0.3, temperature=0.8, backend="torch")
+    want = apa_fast.loss(*args.values(), lam=0.3, temperature=0.8, backend="torch")
+    assert torch.equal(module(*args.values()), want)
+    assert "lam=0.3" in repr(module)
