@@ -1,0 +1,220 @@
+"""Atomic checkpoints in safetensors and JSON: no pickle is written or read.
+
+Layout of ``DIR/checkpoints/step_000050/``::
+
+    policy/                 the policy in `save_pretrained` form (safetensors) with its tokenizer
+    critic.safetensors      critic trunk (when not shared) and value head
+    optim_rank{r}.safetensors   this rank's optimizer: Adam moments and fp32 master weights of its ZeRO partition
+    rng_rank{r}.safetensors     this rank's torch / CUDA / Python RNG states
+    trainer_state.json      step, data position, world size, ZeRO stage, the config
+
+A checkpoint is written into ``.tmp-step_N`` and renamed when complete, then ``latest`` (a one-line file,
+itself replaced atomically) points at it: a crash while saving leaves the previous checkpoint in force.
+The learning-rate schedule is a function of the step, so the step is the scheduler's whole state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig, config_dict
+
+
+# --- nested state (optimizer and RNG state dicts) <-> safetensors file with a JSON skeleton ---
+
+def _pack(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"tensor": path}
+    if isinstance(obj, dict):
+        return {"dict": [[key, _pack(value, tensors, f"{path}/{key}")] for key, value in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        kind = "list" if isinstance(obj, list) else "tuple"
+        return {kind: [_pack(value, tensors, f"{path}/{i}") for i, value in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a checkpoint")
+
+
+def _unpack(node: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    (kind, payload), = node.items()
+    if kind == "tensor":
+        return tensors[payload]
+    if kind == "dict":
+        return {key: _unpack(value, tensors) for key, value in payload}
+    if kind in ("list", "tuple"):
+        items = [_unpack(value, tensors) for value in payload]
+        return items if kind == "list" else tuple(items)
+    return payload
+
+
+def save_state(obj: Any, path: Path) -> None:
+    """Write a nest of dicts, lists, tuples, tensors and JSON scalars to one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(obj, tensors, "")
+    save_file(tensors, str(path), metadata={"skeleton": json.dumps(skeleton)})
+
+
+def load_state(path: Path) -> Any:
+    """The nest `save_state` wrote, tensors on the CPU."""
+    with safe_open(str(path), framework="pt") as handle:
+        skeleton = json.loads(handle.metadata()["skeleton"])
+    return _unpack(skeleton, load_file(str(path)))
+
+
+# --- what each part of a checkpoint holds ---
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper; its params are this rank's fp32 masters."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def optimizer_state(engine) -> dict:
+    base = _base_optimizer(engine)
+    masters = [p for group in base.param_groups for p in group["params"]]
+    return {"optimizer": base.state_dict(), "masters": masters}
+
+
+def set_optimizer_state(engine, state: dict) -> None:
+    base = _base_optimizer(engine)
+    masters = [p for group in base.param_groups for p in group["params"]]
+    if len(masters) != len(state["masters"]) or any(
+        p.shape != saved.shape for p, saved in zip(masters, state["masters"])
+    ):
+        raise RuntimeError("the checkpoint's optimizer partitions do not match this run's (same ZeRO stage, "
+                           "world size and trainable layers are needed to resume)")
+    with torch.no_grad():
+        for param, saved in zip(masters, state["masters"]):
+            param.copy_(saved)
+    base.load_state_dict(state["optimizer"])
+
+
+def gathered_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full state dict on every rank (ZeRO-3 partitions parameters: gather them first)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+# --- writing and finding checkpoints ---
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, data_position: int, cfg: TrainConfig,
+                    rank: int, world_size: int, zero_stage: int) -> Path:
+    """Write the checkpoint of ``step`` (all ranks call this) and point ``latest`` at it; returns its path."""
+    root = checkpoints_dir(run_dir)
+    name = f"step_{step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash while saving this same step
+        tmp.mkdir(parents=True)
+    _barrier()
+
+    model = engine.module
+    state = gathered_state_dict(model, zero_stage)
+    if rank == 0:
+        policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        model.policy.save_pretrained(tmp / "policy", state_dict=policy_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "policy")
+        critic_state = {k: v.contiguous() for k, v in state.items() if not k.startswith("policy.")}
+        save_file(critic_state, str(tmp / "critic.safetensors"))
+        trainer_state = {"step": step, "data_position": data_position, "world_size": world_size,
+                         "zero_stage": zero_stage, "config": config_dict(cfg)}
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    save_state(optimizer_state(engine), tmp / f"optim_rank{rank}.safetensors")
+    save_state(rng_state(), tmp / f"rng_rank{rank}.safetensors")
+    _barrier()
+
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / "latest")
+        kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in kept[: max(len(kept) - cfg.keep_checkpoints, 0)]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` points at, or None when the run has none."""
+    pointer = checkpoints_dir(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
+    if not (path / "trainer_state.json").is_file():
+        raise RuntimeError(f"{pointer} points at {path}, which is not a complete checkpoint")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load the checkpoint's policy and critic weights into an `ActorCritic` (before DeepSpeed wraps it)."""
+    state = {}
+    for shard in sorted((path / "policy").glob("*.safetensors")):
+        state.update({f"policy.{k}": v for k, v in load_file(str(shard)).items()})
+    state.update(load_file(str(path / "critic.safetensors")))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained drops the copies of tied weights (an lm_head tied to the embeddings): those may be missing.
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    really_missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if really_missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model: missing {really_missing}, "
+                           f"unexpected {unexpected}")
+
+
+def load_training_state(engine, path: Path, rank: int) -> None:
+    """Restore this rank's optimizer (moments and fp32 masters) and RNG states after DeepSpeed wrapped the model."""
+    set_optimizer_state(engine, load_state(path / f"optim_rank{rank}.safetensors"))
+    set_rng_state(load_state(path / f"rng_rank{rank}.safetensors"))
+
+
+def truncate_metrics(metrics_path: Path, last_step: int) -> None:
+    """Drop metric lines of steps after ``last_step`` (run after a crash, redone on resume)."""
+    if not metrics_path.is_file():
+        return
+    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    tmp = metrics_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, metrics_path)
