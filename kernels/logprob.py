@@ -23,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Epilogue selectors (the LOSS constexpr).
-LOGPROB, APA, PPO, AWR = 0, 1, 2, 3
+# Epilogue selectors (the LOSS constexpr), equal to those of apa_fast.logprob. Kernels may read module
+# globals only when they are constexpr.
+LOGPROB, APA, PPO, AWR = (tl.constexpr(kind) for kind in range(4))
+EPILOGUE_NAMES = ("logprob", "apa", "ppo", "awr")
 
 # The block cap keeps the forward's registers bounded (no spills at 4096 with 8 warps on sm_90; see
 # `python -m apa_fast.info --aot sm_90`); larger vocabularies loop over more blocks.
@@ -176,3 +178,29 @@ def backward(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
         BLOCK_V=block, num_warps=num_warps,
     )
     return out3d
+
+
+def aot_variants():
+    """Every (kernel, signature, constexprs, num_warps, label) the launchers can produce, for AOT checks.
+
+    The signature mirrors what the launchers pass: 64-bit row strides (the runtime specialises small ones to
+    32 bits, a subset), a unit vocabulary stride (the common case, which Triton specialises to a constant).
+    """
+    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    strides = {"stride_outer": "i64", "stride_inner": "i64", "inner_size": "i32"}
+    for vocab in (3, 1003, 50400):
+        block, num_warps = block_config(vocab)
+        for dtype, ptr in pointer.items():
+            for loss in (LOGPROB, APA, PPO, AWR):
+                signature = {"logits_ptr": ptr, **strides, "labels_ptr": "*i32", "aux_ptr": "*fp32",
+                             "adv_ptr": "*fp32", "logp_ptr": "*fp32", "lse_ptr": "*fp32", "loss_ptr": "*fp32",
+                             "dlogp_ptr": "*fp32", "vocab": "i32", "inv_temperature": "fp32", "param0": "fp32",
+                             "param1": "fp32"}
+                constexprs = {"stride_v": 1, "LOSS": loss.value, "BLOCK_V": block}
+                yield (_logprob_fwd_kernel, signature, constexprs, num_warps,
+                       f"{EPILOGUE_NAMES[loss.value]} {str(dtype)[6:]} BLOCK_V={block}")
+            signature = {"logits_ptr": ptr, **strides, "grad_ptr": ptr, "grad_stride_outer": "i64",
+                         "grad_stride_inner": "i64", "labels_ptr": "*i32", "lse_ptr": "*fp32",
+                         "row_grad_ptr": "*fp32", "vocab": "i32", "inv_temperature": "fp32"}
+            constexprs = {"stride_v": 1, "grad_stride_v": 1, "BLOCK_V": block}
+            yield (_logprob_bwd_kernel, signature, constexprs, num_warps, f"{str(dtype)[6:]} BLOCK_V={block}")
