@@ -1,0 +1,14 @@
+"""The README's runnable example runs and checks itself."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fused_loss_example_runs():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "fused_loss.py")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "APA loss fused" in result.stdout
