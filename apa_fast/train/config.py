@@ -124,8 +124,9 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read the YAML file at ``path`` (None: the tiny default) and apply ``key=value`` overrides (YAML values)."""
+def load_config(path: str | None, overrides: list[str] = (), **fields: Any) -> TrainConfig:
+    """Read the YAML file at ``path`` (None: the tiny default), then ``key=value`` overrides (YAML values),
+    then ``fields`` (typed values from command-line flags)."""
     values: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -137,6 +138,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
         values[key.strip()] = yaml.safe_load(raw)
+    values.update(fields)
     return make_config(values)
 
 

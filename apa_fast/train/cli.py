@@ -1,0 +1,48 @@
+"""``apa-train`` / ``python -m apa_fast.train``: parse the command line into a TrainConfig and run it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ALGOS, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="apa-train",
+        description="Fine-tune a causal LM with APA (or the PPO / AWR baselines) on DeepSpeed. "
+                    "Without --config: the embedded tiny default (random-init GPT-J, CPU, a few minutes).",
+    )
+    parser.add_argument("--config", help="YAML file of TrainConfig fields")
+    parser.add_argument("--output-dir", help="run directory: metrics.jsonl, curves.png, checkpoints/")
+    parser.add_argument("--max-steps", type=int, help="the run's total number of steps (resumed runs included)")
+    parser.add_argument("--algo", choices=ALGOS)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+    parser.add_argument("--overwrite", action="store_true", help="start again in a run dir that holds a run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (YAML value), e.g. --set lr=1e-4 --set stop='[\"Human:\"]'")
+    # deepspeed's launcher appends --local_rank; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    flags = {"output_dir": args.output_dir, "max_steps": args.max_steps, "algo": args.algo, "seed": args.seed}
+    cfg = load_config(args.config, args.set, **{k: v for k, v in flags.items() if v is not None})
+
+    from .data import DataError
+    from .trainer import train
+    from .update import NonFiniteLossError
+
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (NonFiniteLossError, DataError, FileExistsError) as exc:
+        print(f"apa-train: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Rollout: sample responses, score them, and turn the scores into per-token advantages and returns.
+
+Sequence layout (B rows): ``[left-padded prompt (P) | response (R), right-padded]``. Every per-token tensor
+of a rollout is ``(B, R)``: position ``t`` is the response token ``t``, scored by the model at ``P - 1 + t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+import apa_fast
+
+from .config import TrainConfig
+from .models import position_ids
+from .rewards import RewardFn, score
+
+IGNORE = -100
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P + R) long
+    attention_mask: torch.Tensor  # (B, P + R) long: 0 on the prompt's left padding and after the response's end
+    response_mask: torch.Tensor  # (B, R) bool: response tokens up to and including the end-of-text token
+    logprobs: torch.Tensor  # (B, R) float32: the sampling policy's
+    ref_logprobs: torch.Tensor  # (B, R) float32: pi_init's
+    values: torch.Tensor  # (B, R) float32: the critic's at sampling time
+    rewards: torch.Tensor  # (B, R) float32: the score on the last response token (+ PPO's KL penalty)
+    advantages: torch.Tensor  # (B, R) float32, whitened when configured
+    returns: torch.Tensor  # (B, R) float32: unwhitened advantages + values
+    scores: torch.Tensor  # (B,) float32: the reward function's
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """``(B, R)`` response token ids with IGNORE where the mask is off."""
+        response = self.input_ids[:, self.prompt_len:]
+        return torch.where(self.response_mask, response, IGNORE)
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (the tensor itself in a single process); NCCL gets a CUDA copy."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return tensor
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    reduced = tensor.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else tensor.clone()
+    torch.distributed.all_reduce(reduced)
+    return reduced.to(tensor.device)
+
+
+def response_mask(response: torch.Tensor, tokenizer, stop: list[str]) -> torch.Tensor:
+    """``(B, R)`` bool: the tokens generated up to and including the first end-of-text token.
+
+    `generate` pads a finished row with the pad token; when that is also the end-of-text token, the first
+    one is counted only if the model emitted it, not if it pads after a stop string.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ended = (response == eos) | (response == pad)
+    mask = (ended.long().cumsum(-1) - ended.long()) == 0  # nothing ended before this token
+    first_end = torch.where(ended.any(-1), ended.long().argmax(-1), response.shape[1])
+    for row, end in enumerate(first_end.tolist()):
+        if end >= response.shape[1]:
+            continue
+        padded_after_stop = stop and tokenizer.decode(response[row, :end]).endswith(tuple(stop))
+        if padded_after_stop or (response[row, end] == pad and pad != eos):
+            mask[row, end] = False
+    return mask
+
+
+def place_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, R)`` float32: each row's score on its last response token, 0 elsewhere (no KL term in APA)."""
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    last = mask.long().sum(-1).clamp(min=1) - 1  # valid tokens are contiguous from the response's start
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] = scores.to(rewards.device)
+    return rewards * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(values - mean) / std`` over the masked-in entries of all processes (0 elsewhere)."""
+    weights = mask.double()
+    stats = torch.stack([(values * weights).sum(), (values.square() * weights).sum(), weights.sum()])
+    total, total_sq, count = all_reduce_sum(stats.double()).tolist()
+    mean = total / max(count, 1.0)
+    var = max(total_sq / max(count, 1.0) - mean * mean, 0.0)
+    return (values - mean) * (var + eps) ** -0.5 * mask
+
+
+def response_logits(lm, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """``(B, R, V)`` logits of a causal LM at the positions that score the response tokens."""
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask)).last_hidden_state
+    return lm.get_output_embeddings()(hidden[:, prompt_len - 1 : -1])
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, tokenizer, cfg: TrainConfig, synced_gpus: bool) -> torch.Tensor:
+    """``(B, max_new_tokens)`` sampled response ids, right-padded with the pad token."""
+    options = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   synced_gpus=synced_gpus)
+    if cfg.temperature > 0:
+        options.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if cfg.stop:
+        options.update(stop_strings=cfg.stop, tokenizer=tokenizer)
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **options)
+    response = out[:, prompt_ids.shape[1]:]
+    missing = cfg.max_new_tokens - response.shape[1]  # generation stops early when every row has ended
+    return torch.nn.functional.pad(response, (0, missing), value=tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
+                 cfg: TrainConfig, synced_gpus: bool = False) -> Rollout:
+    """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages."""
+    from .data import left_pad
+
+    device = next(actor_critic.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
+    response = sample(actor_critic.policy, prompt_ids, prompt_mask, tokenizer, cfg, synced_gpus)
+    mask = response_mask(response, tokenizer, cfg.stop)
+    input_ids = torch.cat([prompt_ids, response], 1)
+    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+    prompt_len = prompt_ids.shape[1]
+    labels = torch.where(mask, response, IGNORE)
+
+    def logprobs_of(logits):
+        return apa_fast.logprobs(logits, labels, temperature=cfg.logprob_temperature, ignore_index=IGNORE,
+                                 backend=cfg.loss_backend)
+
+    hidden, values = actor_critic(input_ids, attention_mask, position_ids(attention_mask))
+    logprobs = logprobs_of(actor_critic.lm_head(hidden[:, prompt_len - 1 : -1]))
+    values = values[:, prompt_len - 1 : -1] * mask
+    ref_logprobs = logprobs_of(response_logits(pi_init, input_ids, attention_mask, prompt_len))
+
+    texts = tokenizer.batch_decode(torch.where(mask, response, tokenizer.pad_token_id), skip_special_tokens=True)
+    prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    scores = score(reward_fn, prompt_texts, texts).to(device)
+    rewards = place_rewards(scores, mask)
+    if cfg.algo == "ppo":  # PPO's per-token KL penalty; APA's anchor is in its loss instead
+        rewards = rewards - cfg.ppo_kl_coef * (logprobs - ref_logprobs) * mask
+    advantages, returns = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return Rollout(input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rewards,
+                   advantages * mask, returns * mask, scores)

@@ -1,0 +1,211 @@
+"""The training loop: each step samples a rollout, updates policy and critic on it, logs one line, checkpoints.
+
+Steps are numbered from 1 and ``cfg.max_steps`` is the run's total: a resumed run continues with the step
+after its checkpoint's and ends at the same step a run without interruption would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (checkpoints_dir, latest_checkpoint, load_training_state, load_weights,
+                         read_trainer_state, save_checkpoint, truncate_metrics)
+from .config import TrainConfig
+from .data import PromptStream, load_prompts, tokenize_prompts
+from .models import build_models, load_tokenizer
+from .rewards import load_reward
+from .rollout import Rollout, all_reduce_sum, make_rollout
+from .update import set_lr, train_on_rollout
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; one process on its own, or the ranks of deepspeed/torchrun launchers.
+
+    NCCL on GPUs, gloo on CPUs. On CPUs DeepSpeed would first compile its shared-memory all-reduce op (~35 s),
+    which only its inference path uses: gloo runs ZeRO's collectives, so the op is marked unavailable.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if "RANK" not in os.environ:  # not launched by deepspeed / torchrun: a world of one
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if on_gpu:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return rank, world_size, torch.device("cuda", local_rank)
+    return rank, world_size, torch.device("cpu")
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON (ZeRO stage, offload) completed with the trainer's batch sizes and optimizer fields."""
+    ds = json.loads(Path(cfg.deepspeed_config).read_text()) if cfg.deepspeed_config else {
+        "zero_optimization": {"stage": 2}}
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
+    # torch's AdamW needs no compiled op; ZeRO-Offload runs DeepSpeed's CPU Adam (built on first use).
+    optimizer.setdefault("params", {}).update(
+        lr=cfg.lr, betas=list(cfg.betas), weight_decay=cfg.weight_decay, **({} if offload else {"torch_adam": True})
+    )
+    ds.update(train_batch_size=cfg.minibatch_size, train_micro_batch_size_per_gpu=cfg.minibatch_size // world_size,
+              gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm, bf16={"enabled": bf16},
+              steps_per_print=2**31 - 1)
+    return ds
+
+
+def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: float, update_s: float) -> dict:
+    """The metrics of one step over all processes (one all-reduce)."""
+    mask = rollout.response_mask
+    kl_per_sequence = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)
+    local = torch.stack([rollout.scores.sum(), rollout.scores.square().sum(), kl_per_sequence.sum(),
+                         mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]).double().cpu()
+    score_sum, score_sq, kl_sum, tokens, rows = all_reduce_sum(local).tolist()
+    reward_mean = score_sum / rows
+    return {
+        "step": step, "reward_mean": reward_mean,
+        "reward_std": max(score_sq / rows - reward_mean**2, 0.0) ** 0.5,
+        "kl": kl_sum / rows, "loss": losses["loss"], "value_loss": losses["value_loss"],
+        "response_len": tokens / rows, "tokens_per_s": tokens / (gen_s + update_s), "lr": lr,
+        "gen_s": gen_s, "update_s": update_s,
+    }
+
+
+def log_line(m: dict, max_steps: int) -> str:
+    return (f"step {m['step']}/{max_steps} | reward {m['reward_mean']:.3f} | kl {m['kl']:.3f} | "
+            f"loss {m['loss']:.4f} | value {m['value_loss']:.4f} | gen {m['gen_s']:.2f}s | "
+            f"update {m['update_s']:.2f}s | {m['tokens_per_s']:.0f} tok/s")
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """``curves.png``: reward and KL to pi_init against step, from every line of metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(6, 5))
+    top.plot(steps, [r["reward_mean"] for r in rows])
+    top.set_ylabel("reward (mean)")
+    bottom.plot(steps, [r["kl"] for r in rows], color="tab:red")
+    bottom.set_ylabel("KL to pi_init (nats / seq)")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def summary(metrics_path: Path) -> str:
+    """First- and last-quarter mean reward and the final KL of the whole run."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    quarter = max(len(rows) // 4, 1)
+    first = sum(r["reward_mean"] for r in rows[:quarter]) / quarter
+    last = sum(r["reward_mean"] for r in rows[-quarter:]) / quarter
+    return (f"reward: first quarter {first:.3f} -> last quarter {last:.3f}; final kl {rows[-1]['kl']:.3f} "
+            f"over {len(rows)} steps")
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: start at step 1); refuses to start over a run unless told to."""
+    existing = latest_checkpoint(out)
+    if resume:
+        return existing
+    if existing is not None and not overwrite:
+        raise FileExistsError(f"{out} already holds a run (checkpoint {existing.name}): pass --resume to "
+                              "continue it, or --overwrite to start again")
+    return None
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    """Run steps until ``cfg.max_steps``; returns the metrics of the steps this call ran."""
+    import deepspeed
+    from tqdm import tqdm
+
+    rank, world_size, device = setup_distributed()
+    for name in ("rollout_batch_size", "minibatch_size"):
+        if getattr(cfg, name) % world_size:
+            raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the world size ({world_size})")
+    if cfg.fused_lm_head:
+        raise NotImplementedError("fused_lm_head: true needs apa_fast.linear_loss (issue 6); use false")
+    out = Path(cfg.output_dir)
+    checkpoint = prepare_output_dir(out, resume, overwrite)
+    torch.distributed.barrier()  # every rank has read `latest` before rank 0 may write a new one
+    if rank == 0 and checkpoint is None:
+        import shutil
+
+        shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    torch.manual_seed(cfg.seed + rank)  # each rank samples differently; restored from the checkpoint on resume
+    random.seed(cfg.seed + rank)
+
+    prompts = load_prompts(cfg.dataset, cfg.dataset_split)
+    tokenizer = load_tokenizer(cfg, prompts)
+    stream = PromptStream(tokenize_prompts(prompts, tokenizer, cfg.max_prompt_tokens), cfg.seed)
+    bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, pi_init = build_models(cfg, tokenizer, device, dtype)
+    reward_fn = load_reward(cfg.reward, device, dtype)
+
+    start_step = 0
+    if checkpoint is not None:
+        state = read_trainer_state(checkpoint)
+        if state["world_size"] != world_size:
+            raise RuntimeError(f"{checkpoint} was written by {state['world_size']} processes; resume with as many "
+                               f"(this run has {world_size})")
+        load_weights(model, checkpoint)
+        start_step, stream.position = state["step"], state["data_position"]
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, world_size, bf16),
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    zero_stage = engine.zero_optimization_stage()
+    if checkpoint is not None:
+        load_training_state(engine, checkpoint, rank)
+
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, start_step)
+        print(f"apa-train: {cfg.algo} on {world_size} x {device.type}, ZeRO-{zero_stage}, "
+              f"{'bf16' if bf16 else 'fp32'}, steps {start_step + 1}..{cfg.max_steps} -> {out}")
+    history = []
+    started = time.perf_counter()
+    bar = tqdm(range(start_step + 1, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps,
+               disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        tick = time.perf_counter()
+        rollout = make_rollout(model, pi_init, reward_fn, tokenizer, stream.take(cfg.rollout_batch_size, rank,
+                               world_size), cfg, synced_gpus=zero_stage == 3 and world_size > 1)
+        tock = time.perf_counter()
+        lr = set_lr(engine, cfg, step)
+        losses = train_on_rollout(engine, rollout, cfg, step, world_size)
+        metrics = step_metrics(step, rollout, losses, lr, tock - tick, time.perf_counter() - tock)
+        history.append(metrics)
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            bar.write(log_line(metrics, cfg.max_steps))
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(out, step, engine, tokenizer, stream.position, cfg, rank, world_size, zero_stage)
+    bar.close()
+    if rank == 0 and metrics_path.is_file():
+        plot_curves(metrics_path, out / "curves.png")
+        print(f"apa-train: {summary(metrics_path)}; this run {time.perf_counter() - started:.1f}s; "
+              f"curves in {out / 'curves.png'}")
+    return history

@@ -1,0 +1,86 @@
+"""Update: ``ppo_epochs`` passes over a rollout in minibatches, policy loss + value loss, one optimizer step each.
+
+Losses are sums over the minibatch's response tokens divided by the token count of the whole minibatch over
+all processes, times the world size (DeepSpeed averages gradients over processes): the gradient is then the
+per-token mean of the global minibatch, whatever the split between processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import apa_fast
+
+from .config import TrainConfig
+from .models import position_ids
+from .rollout import IGNORE, Rollout, all_reduce_sum
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite loss; raised before the backward pass so that no weight is touched by it."""
+
+
+def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -> torch.Tensor:
+    """Sum over response tokens of the configured policy loss; ``hidden`` ``(B, R, H)`` scores the response.
+
+    The loss takes hidden states and the model rather than logits so that a fused lm_head + loss
+    (``cfg.fused_lm_head``) can drop in here without materialising the ``(B, R, V)`` logits.
+    """
+    logits = model.lm_head(hidden)
+    common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, reduction="sum",
+                  backend=cfg.loss_backend)
+    if cfg.algo == "apa":
+        return apa_fast.loss(logits, batch.labels, batch.ref_logprobs, batch.advantages, lam=cfg.apa_lam,
+                             **common)
+    if cfg.algo == "ppo":
+        return apa_fast.ppo_loss(logits, batch.labels, batch.logprobs, batch.advantages,
+                                 clip_eps=cfg.ppo_clip_eps, **common)
+    return apa_fast.awr_loss(logits, batch.labels, batch.advantages, lam=cfg.awr_lam,
+                             max_weight=cfg.awr_max_weight, **common)
+
+
+def value_loss(values: torch.Tensor, batch: Rollout) -> torch.Tensor:
+    """Sum over response tokens of ``0.5 * (V - returns)^2`` (unclipped, as the APA authors ran it)."""
+    return 0.5 * ((values - batch.returns).square() * batch.response_mask).sum()
+
+
+def set_lr(engine, cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup_steps`` train steps, then constant; the step is the schedule's state."""
+    lr = cfg.lr * min(1.0, step / max(cfg.warmup_steps, 1))
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, world_size: int) -> dict:
+    """Run the update of ``step``; returns the global mean policy and value losses per minibatch."""
+    model = engine.module
+    model.train()
+    rows = rollout.input_ids.shape[0]
+    local_minibatch = cfg.minibatch_size // world_size
+    prompt_len = rollout.prompt_len
+    totals = torch.zeros(2, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows, local_minibatch):
+            batch = rollout.rows(order[start : start + local_minibatch].to(rollout.input_ids.device))
+            tokens = all_reduce_sum(batch.response_mask.sum().double().cpu()).item()
+            scale = world_size / max(tokens, 1.0)
+            hidden, values = engine(batch.input_ids, batch.attention_mask, position_ids(batch.attention_mask))
+            response = slice(prompt_len - 1, -1)
+            pg_loss = policy_loss(cfg, model, hidden[:, response], batch) * scale
+            vf_loss = value_loss(values[:, response], batch) * scale
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            finite = all_reduce_sum(torch.isfinite(loss.detach()).float().cpu()).item() == world_size
+            if not finite:
+                raise NonFiniteLossError(
+                    f"step {step}: the loss is not finite (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                    "stopped before applying it, the last checkpoint is the last good state"
+                )
+            engine.backward(loss)
+            engine.step()
+            totals += torch.tensor([pg_loss.item(), vf_loss.item()], dtype=torch.float64) / world_size
+    totals = all_reduce_sum(totals)
+    minibatches = cfg.ppo_epochs * -(-rows // local_minibatch)
+    return {"loss": totals[0].item() / minibatches, "value_loss": totals[1].item() / minibatches}
