@@ -16,7 +16,13 @@ import apa_fast
 from apa_fast import _dispatch
 from apa_fast import logprob as loss_module
 
-BACKENDS = ["triton", "torch"]
+# On CPU tensors the Triton kernels run only under the interpreter (conftest sets it unless the caller chose
+# TRITON_INTERPRET=0, as the GPU script does; the GPU versions of these checks are in test_logprob_cuda.py).
+BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.skipif(not _dispatch.interpreter_enabled(),
+                                                    reason="TRITON_INTERPRET=0: Triton cannot run CPU tensors")),
+    "torch",
+]
 KINDS = ["apa", "ppo", "awr", "logprobs"]
 TOLERANCES = {  # dtype: (value tolerance, gradient tolerance)
     torch.float32: (2e-5, 2e-5),
@@ -233,6 +239,7 @@ def test_inplace_backward_overwrites_logits_with_gradient(backend):
     assert_close_rel(buffer.detach(), want_grad, 2e-5, "in-place gradient")
 
 
+@pytest.mark.skipif(not _dispatch.interpreter_enabled(), reason="TRITON_INTERPRET=0")
 def test_backends_agree_on_unseen_inputs():
     """Fresh shapes drawn at random each run: the two backends and the oracle agree."""
     rows_shape = tuple(int(n) for n in torch.randint(1, 6, (2,)))
@@ -362,7 +369,7 @@ def test_auto_runs_the_torch_path_on_cpu(monkeypatch):
 
 
 def test_explicit_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         apa_fast.loss(**_good(), backend="triton")
     assert _dispatch.pick_loss_backend("auto", torch.device("cpu")) == "torch"
