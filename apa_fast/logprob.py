@@ -37,13 +37,14 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _check_row_tensor(name, tensor, shape, device, *, kind):
+def _check_row_tensor(name, tensor, shape, device, *, kind, anchor="logits"):
+    """``anchor``: the argument whose leading dimensions are the token rows (logits, or hidden states)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (logits.shape[:-1]), got {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({anchor}.shape[:-1]), got {tuple(tensor.shape)}")
     if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but logits is on {device}")
+        raise ValueError(f"{name} is on {tensor.device} but {anchor} is on {device}")
     if kind == "float" and not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if kind == "int" and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
@@ -52,19 +53,24 @@ def _check_row_tensor(name, tensor, shape, device, *, kind):
         raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got {tensor.dtype}")
 
 
-def _counted_labels(logits, labels, mask, ignore_index) -> torch.Tensor:
-    """Check logits/labels/mask; return int32 labels, -1 where the row does not count."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-    vocab = logits.shape[-1]
-    rows_shape = logits.shape[:-1]
-    _check_row_tensor("labels", labels, rows_shape, logits.device, kind="int")
+def _check_float_rows(name, tensor, last_dim) -> None:
+    """``tensor`` is a float32/bfloat16/float16 ``(..., last_dim)`` tensor with a non-empty last dimension."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if tensor.dim() < 1 or tensor.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., {last_dim}) with {last_dim} >= 1, got {tuple(tensor.shape)}")
+
+
+def _counted_labels(labels, mask, ignore_index, *, rows_shape, vocab, device, anchor="logits") -> torch.Tensor:
+    """Check labels/mask against ``rows_shape`` token rows of a ``vocab``-way softmax.
+
+    Returns int32 ``(rows,)`` labels, -1 where the row does not count.
+    """
+    _check_row_tensor("labels", labels, rows_shape, device, kind="int", anchor=anchor)
     if mask is not None:
-        _check_row_tensor("mask", mask, rows_shape, logits.device, kind="mask")
+        _check_row_tensor("mask", mask, rows_shape, device, kind="mask", anchor=anchor)
     counted = labels != ignore_index
     out_of_range = counted & ((labels < 0) | (labels >= vocab))
     if out_of_range.any():  # one host sync: a wrong label must never become an out-of-bounds read
@@ -75,9 +81,28 @@ def _counted_labels(logits, labels, mask, ignore_index) -> torch.Tensor:
     return torch.where(counted, labels, -1).to(torch.int32).reshape(-1)
 
 
-def _row_floats(name, tensor, rows_shape, device) -> torch.Tensor:
-    _check_row_tensor(name, tensor, rows_shape, device, kind="float")
+def _row_floats(name, tensor, rows_shape, device, anchor="logits") -> torch.Tensor:
+    _check_row_tensor(name, tensor, rows_shape, device, kind="float", anchor=anchor)
     return tensor.detach().to(torch.float32).reshape(-1).contiguous()
+
+
+def _token_inputs(labels, aux, adv, mask, *, rows_shape, vocab, device, anchor, temperature, ignore_index,
+                  reduction, backend):
+    """Check everything but the logits (or hidden states) whose leading dimensions are ``rows_shape``.
+
+    ``aux`` is None or ``(name, tensor)``; ``adv`` None or a tensor. Returns ``(labels32, aux32, adv32,
+    backend)``: int32 labels (-1 where the row does not count), float32 ``(rows,)`` per-token data (empty
+    when not used) and the resolved backend.
+    """
+    _check_positive("temperature", temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    labels32 = _counted_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=vocab, device=device,
+                               anchor=anchor)
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    aux32 = empty if aux is None else _row_floats(aux[0], aux[1], rows_shape, device, anchor)
+    adv32 = empty if adv is None else _row_floats("advantages", adv, rows_shape, device, anchor)
+    return labels32, aux32, adv32, _dispatch.pick_loss_backend(backend, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,6 +200,33 @@ def _implementation(backend: str):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Reductions: shared with the fused linear ops (apa_fast.linear).
+# ----------------------------------------------------------------------------------------------------
+def _output_reduction(loss_kind, reduction) -> str:
+    """The reduction actually applied: log-probs are always per token."""
+    return "none" if loss_kind == LOGPROB else reduction
+
+
+def _reduce(reduction, per_row, count, rows_shape) -> torch.Tensor:
+    """float32 ``per_row (rows,)`` reduced over the ``count`` counted rows (0 elsewhere), or shaped ``rows_shape``."""
+    if reduction == "none":
+        return per_row.reshape(rows_shape)
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.sum() / count.clamp(min=1)
+
+
+def _upstream_scale(reduction, grad_output, count) -> torch.Tensor:
+    """float32 d(objective)/d(per-row value): a scalar for "sum"/"mean", a ``(rows,)`` tensor for "none"."""
+    grad_output = grad_output.float()
+    if reduction == "none":
+        return grad_output.reshape(-1)
+    if reduction == "sum":
+        return grad_output
+    return grad_output / count.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The autograd Function shared by every public op.
 # ----------------------------------------------------------------------------------------------------
 class _FusedLogprobLoss(torch.autograd.Function):
@@ -185,34 +237,20 @@ class _FusedLogprobLoss(torch.autograd.Function):
         rows3d = _as_rows3d(logits.detach())
         logp, lse, loss, dlogp = forward_impl(rows3d, labels, aux, adv, loss_kind=loss_kind,
                                               inv_temperature=inv_temperature, param0=param0, param1=param1)
-        rows_shape = logits.shape[:-1]
         count = (labels >= 0).sum()
-        if loss_kind == LOGPROB:
-            output = logp.reshape(rows_shape)
-        elif reduction == "none":
-            output = loss.reshape(rows_shape)
-        elif reduction == "sum":
-            output = loss.sum()
-        else:
-            output = loss.sum() / count.clamp(min=1)
+        ctx.reduction = _output_reduction(loss_kind, reduction)
+        output = _reduce(ctx.reduction, logp if loss_kind == LOGPROB else loss, count, logits.shape[:-1])
 
         ctx.save_for_backward(logits, labels, lse, dlogp, count)
         ctx.backward_impl = backward_impl
         ctx.inv_temperature = inv_temperature
-        ctx.reduction = "none" if loss_kind == LOGPROB else reduction
         ctx.inplace_backward = inplace_backward
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         logits, labels, lse, dlogp, count = ctx.saved_tensors
-        grad_output = grad_output.float()
-        if ctx.reduction == "none":
-            row_grad = dlogp * grad_output.reshape(-1)
-        elif ctx.reduction == "sum":
-            row_grad = dlogp * grad_output
-        else:
-            row_grad = dlogp * (grad_output / count.clamp(min=1))
+        row_grad = dlogp * _upstream_scale(ctx.reduction, grad_output, count)
         rows3d = _as_rows3d(logits.detach())
         if ctx.inplace_backward:
             grad_logits, out3d = logits.detach(), rows3d
@@ -228,15 +266,10 @@ class _FusedLogprobLoss(torch.autograd.Function):
 def _fused(loss_kind, logits, labels, aux, adv, mask, *, temperature, ignore_index, reduction, backend,
            param0=0.0, param1=0.0, inplace_backward=False):
     """Validate, dispatch and apply the Function. ``aux``/``adv`` are None when the loss does not use them."""
-    _check_positive("temperature", temperature)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    labels32 = _counted_labels(logits, labels, mask, ignore_index)
-    rows_shape, device = logits.shape[:-1], logits.device
-    empty = torch.empty(0, dtype=torch.float32, device=device)
-    aux32 = empty if aux is None else _row_floats(aux[0], aux[1], rows_shape, device)
-    adv32 = empty if adv is None else _row_floats("advantages", adv, rows_shape, device)
-    resolved = _dispatch.pick_loss_backend(backend, device)
+    _check_float_rows("logits", logits, "V")
+    labels32, aux32, adv32, resolved = _token_inputs(
+        labels, aux, adv, mask, rows_shape=logits.shape[:-1], vocab=logits.shape[-1], device=logits.device,
+        anchor="logits", temperature=temperature, ignore_index=ignore_index, reduction=reduction, backend=backend)
     return _FusedLogprobLoss.apply(logits, labels32, aux32, adv32, loss_kind, 1.0 / temperature,
                                    float(param0), float(param1), reduction, resolved, inplace_backward)
 
