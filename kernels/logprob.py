@@ -61,17 +61,17 @@ def _logprob_fwd_kernel(
     label = tl.load(labels_ptr + row)
     counted = label >= 0
 
-    # Online log-sum-exp over the row; rows that do not count run zero iterations and read nothing.
-    n_cols = tl.where(counted, vocab, 0)
+    # Online log-sum-exp over the row; rows that do not count skip the loop and read nothing.
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum = tl.zeros((), tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols * stride_v, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        x = x * inv_temperature
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        running_max = new_max
+    if counted:
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols * stride_v, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            x = x * inv_temperature
+            new_max = tl.maximum(running_max, tl.max(x, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
     lse = running_max + tl.log(tl.where(counted, running_sum, 1.0))
 
     target = tl.load(base + tl.where(counted, label, 0) * stride_v).to(tl.float32) * inv_temperature
