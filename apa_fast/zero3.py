@@ -14,7 +14,7 @@ Inside, the parameter holds its full ``(V, H)`` value on every rank (`deepspeed.
 with ``modifier_rank=None``: nothing is broadcast back on exit). The loss's gradient for the full weight
 then reaches ZeRO-3's post-accumulate-grad hook on that parameter, which reduce-scatters it into each rank's
 partition like any other gradient. Backward must run inside too: on exit the parameter is re-partitioned,
-and a full-size gradient arriving for a ``(0,)``-shaped parameter is rejected (checked with DeepSpeed
+and a full-size gradient arriving for it fails with a size mismatch (checked with DeepSpeed
 0.19.8 in tests/test_linear_zero3.py).
 
 Without DeepSpeed, or for parameters that are not partitioned, `gathered` does nothing. DeepSpeed is
