@@ -4,7 +4,8 @@ The pytest test launches this file under ``torchrun --nproc_per_node 2``; each r
 "body + lm_head" model one step with ZeRO-3 (every parameter partitioned, a torch SGD optimizer so that no
 DeepSpeed op compiles) and checks, against an unpartitioned float32 replica that sees both ranks' batches:
 the loss, the full (all-reduced) gradients of every parameter, and the parameters after the step. It also
-checks that a partitioned weight that was not gathered is refused with a message naming the fix.
+checks that a partitioned weight that was not gathered is refused with a message naming the fix, and that
+a backward run after leaving `apa_fast.zero3.gathered` fails (the reason the helper must cover it).
 """
 
 import os
@@ -36,6 +37,7 @@ def test_zero3_two_ranks_match_an_unpartitioned_replica():
     for reduction in REDUCTIONS:
         assert f"rank 0 zero3 {reduction} ok" in done.stdout and f"rank 1 zero3 {reduction} ok" in done.stdout
     assert "rank 0 refused ungathered ok" in done.stdout
+    assert "rank 0 backward outside fails ok" in done.stdout
 
 
 def _free_port() -> int:
@@ -161,6 +163,25 @@ def _check_refused(engine, rank):
         raise AssertionError("a partitioned, ungathered lm_head weight was accepted")
 
 
+def _check_backward_outside_fails(engine, rank):
+    """Documents why `gathered` must cover the backward: after exit the weight is re-partitioned."""
+    import apa_fast.linear
+    import apa_fast.zero3
+
+    head = engine.module.lm_head
+    x, labels, ref_logprobs, advantages, mask, _ = _batch(rank)
+    with apa_fast.zero3.gathered(head.weight, head.bias):
+        loss = apa_fast.linear.linear_loss(engine(x), head.weight, labels, ref_logprobs, advantages, mask,
+                                           bias=head.bias, backend="torch")
+    try:
+        engine.backward(loss)
+    except RuntimeError as exc:
+        assert "size" in str(exc), exc
+        print(f"rank {rank} backward outside fails ok", flush=True)
+    else:
+        raise AssertionError("a backward outside `gathered` went through: update apa_fast.zero3's docstring")
+
+
 def _worker():
     import deepspeed
     import torch.distributed as dist
@@ -173,6 +194,7 @@ def _worker():
     for reduction in REDUCTIONS:
         engine = _zero3_step(reduction, rank, world)
     _check_refused(engine, rank)
+    _check_backward_outside_fails(engine, rank)
     dist.destroy_process_group()
 
 
