@@ -65,6 +65,39 @@ def pick_loss_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and reason is None else "torch"
 
 
+def _gae_kernel_unavailable_reason(device: torch.device) -> str | None:
+    if device.type not in ("cpu", "cuda"):
+        return f"the compiled GAE kernels do not support device type {device.type!r}"
+    module = extension()
+    if module is None:
+        return extension_error()
+    if device.type == "cuda" and not module.with_cuda:
+        return ("apa_fast._C was built without its CUDA kernel (torch was a CPU build or nvcc was missing at "
+                "install time): reinstall with a CUDA torch and nvcc, or use backend='torch'")
+    return None
+
+
+def pick_gae_backend(backend: str, device: torch.device) -> str:
+    """Resolve ``backend`` for `apa_fast.gae` on tensors living on ``device``.
+
+    "auto" picks the compiled kernel of the tensors' device ("cuda" or "cpu") when it loaded, else the
+    PyTorch path. An explicit backend that cannot run raises RuntimeError with the reason (a device that is
+    not the backend's included); an unknown one ValueError.
+    """
+    if backend not in GAE_BACKENDS:
+        raise ValueError(f"backend must be one of {GAE_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    reason = _gae_kernel_unavailable_reason(device)
+    if backend == "auto":
+        return device.type if reason is None else "torch"
+    if device.type != backend:
+        raise RuntimeError(f"backend={backend!r} runs on {backend} tensors, got tensors on {device}")
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
+    return backend
+
+
 @functools.cache
 def extension():
     """The compiled extension module `apa_fast._C` (GAE ops), or None; see `extension_error()`."""

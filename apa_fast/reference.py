@@ -64,3 +64,24 @@ def awr_loss(logits, labels, advantages, mask=None, *, lam=1.0, max_weight=20.0,
     logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     weight = torch.exp(advantages.float() / lam).clamp(max=max_weight)
     return _reduce(-weight * logp, valid, reduction)
+
+
+def gae_loop(rewards, values, mask=None, *, gamma, lam):
+    """GAE with a Python loop over time steps, the way trlX and OpenRLHF write it: the benchmark baseline.
+
+    ``rewards``, ``values``, ``mask`` ``(B, T)``. The mask only zeroes rewards and values, so this agrees
+    with `apa_fast.gae` at the valid positions of right-padded rows (or without a mask), not with left
+    padding or holes, and leaves nonzero advantages at padded positions.
+    """
+    if mask is not None:
+        rewards, values = rewards * mask, values * mask
+    steps = rewards.shape[1]
+    running = 0.0
+    reversed_advantages = []
+    for t in reversed(range(steps)):
+        next_values = values[:, t + 1] if t < steps - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        running = delta + gamma * lam * running
+        reversed_advantages.append(running)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)
+    return advantages, advantages + values
