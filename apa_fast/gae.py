@@ -83,7 +83,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _gae_torch(rewards, values, valid, gamma: float, lam: float, whiten: bool):
     """The pure-PyTorch path: squeeze each row's valid positions to its front, run the dense recurrence there."""
     dtype = _compute_dtype(rewards.dtype)
-    rewards, values = rewards.to(dtype), values.to(dtype)
+    rewards, values = rewards.to(dtype).contiguous(), values.to(dtype).contiguous()
     if valid is None:
         advantages = _dense_advantages(rewards, values, gamma, lam)
         return _whitened(advantages, None) if whiten else advantages, advantages + values
