@@ -1,0 +1,341 @@
+"""apa_fast.linear.linear_loss / linear_logprobs against a float64 oracle, on both backends.
+
+Tolerances (relative L2 error against float64 on the same inputs):
+- float32: 2e-5 for values and for the gradients of hidden, weight and bias (the float32 matmuls over
+  H <= 64 and the float32 log-softmax each contribute ~1e-6);
+- bfloat16/float16: the logits themselves are rounded to the inputs' dtype (as in ``hidden @ weight.T``),
+  so the fused result must be at most `LOW_PRECISION_FACTOR` times the error of the materialised path
+  (``apa_fast.loss(hidden @ weight.T + bias)`` in the same dtype) against float64.
+"""
+
+import pytest
+import torch
+from conftest import assert_close_rel, rel_err
+
+import apa_fast
+from apa_fast import linear as linear_module
+from apa_fast.linear import linear_logprobs, linear_loss
+
+BACKENDS = ["triton", "torch"]
+IGNORE = -100
+FLOAT32_TOL = 2e-5
+# The weight gradient sums one rounded product per chunk where the materialised path rounds once.
+LOW_PRECISION_FACTOR = 2.0
+# Triton's interpreter truncates float32 -> bfloat16 stores (see tests/test_logprob.py).
+INTERPRETER_BF16_FACTOR = 4.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The float64 oracle: autograd through torch.log_softmax on float64 copies.
+# ----------------------------------------------------------------------------------------------------
+def oracle(kind, hidden, weight, bias, labels, aux, adv, mask, *, lam=1.0, temperature=1.0, reduction="mean",
+           weights=None):
+    """(value, [d hidden, d weight, d bias]) in float64; ``weights`` make a per-token output a scalar."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    logits = h @ w.T + (0.0 if b is None else b)
+    counted = labels != IGNORE
+    if mask is not None:
+        counted = counted & mask.bool()
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logp = logp_all.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(counted, logp, 0.0)
+    if kind == "logprobs":
+        out = logp
+    else:
+        per_token = torch.where(counted, (logp - aux.double() - adv.double() / lam) ** 2, 0.0)
+        out = {"none": per_token, "sum": per_token.sum(),
+               "mean": per_token.sum() / counted.sum().clamp(min=1)}[reduction]
+    (out if out.dim() == 0 else (out * weights.double()).sum()).backward()
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def run_fused(kind, backend, hidden, weight, bias, labels, aux, adv, mask, *, lam=1.0, temperature=1.0,
+              reduction="mean", weights=None, chunk_size=None, upstream=1.0):
+    """(value, [d hidden, d weight, d bias]) of the library op; ``upstream`` scales the scalar objective."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    common = dict(bias=b, temperature=temperature, ignore_index=IGNORE, chunk_size=chunk_size, backend=backend)
+    if kind == "logprobs":
+        out = linear_logprobs(h, w, labels, **common)
+    else:
+        out = linear_loss(h, w, labels, aux, adv, mask, lam=lam, reduction=reduction, **common)
+    (upstream * (out if out.dim() == 0 else (out * weights).sum())).backward()
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def make_inputs(rows_shape, hidden_size, vocab, *, dtype=torch.float32, bias=True, ignore_frac=0.15,
+                mask_frac=0.25):
+    """Hidden states, an lm_head (logits of a few units), labels with ignore_index, a mask with holes."""
+    hidden = torch.randn(*rows_shape, hidden_size).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) * 2.0 / hidden_size**0.5).to(dtype)
+    bias_tensor = torch.randn(vocab).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, rows_shape)
+    labels[torch.rand(rows_shape) < ignore_frac] = IGNORE
+    mask = torch.rand(rows_shape) >= mask_frac
+    aux = -torch.rand(rows_shape) * 2 - torch.log(torch.tensor(float(vocab)))
+    adv = torch.randn(rows_shape)
+    weights = torch.randn(rows_shape)
+    return hidden, weight, bias_tensor, labels, aux, adv, mask, weights
+
+
+def check(kind, backend, inputs, *, what, tol=FLOAT32_TOL, **kwargs):
+    hidden, weight, bias, labels, aux, adv, mask, weights = inputs
+    mask = None if kind == "logprobs" else mask
+    want_value, want_grads = oracle(kind, hidden, weight, bias, labels, aux, adv, mask, weights=weights,
+                                    **{k: v for k, v in kwargs.items() if k not in ("chunk_size", "upstream")})
+    upstream = kwargs.get("upstream", 1.0)
+    got_value, got_grads = run_fused(kind, backend, hidden, weight, bias, labels, aux, adv, mask, weights=weights,
+                                     **kwargs)
+    assert got_value.dtype == torch.float32
+    assert_close_rel(got_value, want_value, tol, f"{what} value")
+    for name, got, want, like in zip(("hidden", "weight", "bias"), got_grads, want_grads, (hidden, weight, bias)):
+        if like is None:
+            assert got is None
+            continue
+        assert got.dtype == like.dtype and got.shape == like.shape, name
+        assert_close_rel(got, upstream * want, tol, f"{what} grad of {name}")
+    return got_value, got_grads
+
+
+# ----------------------------------------------------------------------------------------------------
+# Values and gradients against float64.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, reduction", [("apa", "mean"), ("apa", "sum"), ("apa", "none"), ("logprobs", "none")])
+def test_matches_float64(backend, kind, reduction):
+    # H 37 and V 1003 are odd; 21 rows with ~13 counted in chunks of 4: boundaries inside, a partial last chunk.
+    inputs = make_inputs((3, 7), 37, 1003)
+    check(kind, backend, inputs, reduction=reduction, temperature=0.7, lam=0.5, chunk_size=4,
+          what=f"{kind}/{reduction}")
+
+
+@pytest.mark.parametrize("chunk_size", [1, "all counted rows", "all counted rows - 1", 10_000, None])
+def test_chunk_boundaries(chunk_size):
+    inputs = make_inputs((4, 5), 19, 517)
+    hidden, weight, bias, labels, aux, adv, mask, weights = inputs
+    counted = int(((labels != IGNORE) & mask).sum())
+    sizes = {"all counted rows": counted, "all counted rows - 1": max(counted - 1, 1)}
+    for reduction in ("mean", "none"):
+        check("apa", "torch", inputs, reduction=reduction, chunk_size=sizes.get(chunk_size, chunk_size),
+              what=f"chunk {chunk_size}, {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upstream_gradient_scales(backend):
+    """The forward-computed gradients are multiplied by the upstream gradient, not assumed to be 1."""
+    inputs = make_inputs((9,), 16, 300)
+    check("apa", backend, inputs, reduction="sum", chunk_size=3, upstream=-2.5, what="sum x -2.5")
+    check("apa", "torch", inputs, reduction="mean", chunk_size=3, upstream=0.3, what="mean x 0.3")
+
+
+def _strided_hidden():
+    yield "time slice [:, :-1]", torch.randn(2, 9, 33)[:, :-1]
+    yield "hidden stride 2", torch.randn(3, 4, 66)[..., ::2]
+    yield "transposed leading dims", torch.randn(5, 3, 33).transpose(0, 1)
+    yield "non-mergeable 3-D leading slice", torch.randn(2, 3, 4, 33)[:, :, 1:]
+
+
+@pytest.mark.parametrize("name, hidden", list(_strided_hidden()), ids=lambda v: v if isinstance(v, str) else "")
+def test_strided_hidden(name, hidden):
+    _, weight, bias, labels, aux, adv, mask, weights = make_inputs(hidden.shape[:-1], 33, 211)
+    inputs = (hidden, weight, bias, labels, aux, adv, mask, weights)
+    check("apa", "torch", inputs, temperature=1.3, chunk_size=5, what=name)
+    check("apa", "torch", inputs, reduction="none", chunk_size=5, what=f"{name}, none")
+
+
+def test_triton_on_strided_hidden_without_bias():
+    hidden = torch.randn(2, 6, 24)[:, 1:]
+    _, weight, _, labels, aux, adv, mask, weights = make_inputs(hidden.shape[:-1], 24, 129)
+    check("apa", "triton", (hidden, weight, None, labels, aux, adv, mask, weights), chunk_size=3, what="triton")
+
+
+def test_gptj_vocab_logprobs_are_negative():
+    hidden, weight, bias, labels, *_ = make_inputs((5,), 16, 50400, ignore_frac=0.0)
+    got = linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=2)
+    want = torch.log_softmax(hidden.double() @ weight.double().T + bias.double(), -1).gather(-1, labels[:, None])
+    assert_close_rel(got, want[:, 0], FLOAT32_TOL, "logprobs at V=50400")
+    assert (got < 0).all(), "log-probabilities of a 50400-way softmax must be negative"
+
+
+def test_only_the_inputs_that_need_it_get_a_gradient():
+    hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((3, 4), 12, 97)
+    want_value, (want_hidden, want_weight, _) = oracle("apa", hidden, weight, bias, labels, aux, adv, mask)
+    frozen_head = weight.clone()
+    h = hidden.clone().requires_grad_()
+    linear_loss(h, frozen_head, labels, aux, adv, mask, bias=bias).backward()
+    assert_close_rel(h.grad, want_hidden, FLOAT32_TOL, "hidden grad with a frozen lm_head")
+    w = weight.clone().requires_grad_()
+    linear_loss(hidden, w, labels, aux, adv, mask, bias=bias, reduction="none").sum().backward()
+    _, (_, want_weight_sum, _) = oracle("apa", hidden, weight, bias, labels, aux, adv, mask, reduction="sum")
+    assert_close_rel(w.grad, want_weight_sum, FLOAT32_TOL, "weight grad with detached hidden")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nothing_counts(backend):
+    hidden, weight, bias, labels, aux, adv, mask, weights = make_inputs((2, 6), 8, 257)
+    mask = torch.zeros_like(mask)
+    for reduction in ("mean", "sum", "none"):
+        value, grads = run_fused("apa", backend, hidden, weight, bias, labels, aux, adv, mask, reduction=reduction,
+                                 weights=weights)
+        assert torch.equal(value, torch.zeros_like(value))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_as_accurate_as_the_materialised_path(backend, dtype):
+    # Per-token values over 128 rows: one scalar's rounding error is too random to compare by a factor.
+    inputs = make_inputs((8, 16), 40, 611, dtype=dtype)
+    hidden, weight, bias, labels, aux, adv, mask, weights = inputs
+    common = dict(lam=0.5, reduction="none", weights=weights)
+    want_value, want_grads = oracle("apa", hidden, weight, bias, labels, aux, adv, mask, **common)
+    got_value, got_grads = run_fused("apa", backend, hidden, weight, bias, labels, aux, adv, mask, chunk_size=5,
+                                     **common)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    materialised = apa_fast.loss(leaves[0] @ leaves[1].T + leaves[2], labels, aux, adv, mask, lam=0.5,
+                                 reduction="none", backend="torch")
+    (materialised * weights).sum().backward()
+    floor = 1e-6
+    assert rel_err(got_value, want_value) <= LOW_PRECISION_FACTOR * rel_err(materialised, want_value) + floor
+    interpreted_bf16 = backend == "triton" and dtype == torch.bfloat16
+    factor = INTERPRETER_BF16_FACTOR if interpreted_bf16 else LOW_PRECISION_FACTOR
+    for name, got, leaf, want in zip(("hidden", "weight", "bias"), got_grads, leaves, want_grads):
+        assert got.dtype == dtype
+        assert rel_err(got, want) <= factor * rel_err(leaf.grad, want) + floor, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Work and memory: one chunk of logits at a time; rows that do not count are never projected.
+# ----------------------------------------------------------------------------------------------------
+class LargestLogitsChunk(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most rows of any floating tensor of shape (..., rows, V) an op allocates while active."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # e.g. weight.T: (H, V), no new memory
+            return out
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 2 \
+                    and tensor.shape[-1] == self.vocab:
+                self.rows = max(self.rows, tensor.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_at_most_one_chunk_of_logits_exists(reduction):
+    rows, vocab, chunk = 64, 1000, 8
+    hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((rows,), 24, vocab, ignore_frac=0.0, mask_frac=0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with LargestLogitsChunk(vocab) as forward_mode:
+        value = linear_loss(h, w, labels, aux, adv, mask, bias=bias, reduction=reduction, chunk_size=chunk)
+    with LargestLogitsChunk(vocab) as backward_mode:
+        value.sum().backward()
+    assert forward_mode.rows == chunk and backward_mode.rows <= chunk
+    with LargestLogitsChunk(vocab) as materialised_mode:
+        apa_fast.loss(h @ w.T + bias, labels, aux, adv, mask).backward()
+    assert materialised_mode.rows >= rows  # the check above can fail: the materialised path does it
+
+
+def test_rows_that_do_not_count_are_never_projected(monkeypatch):
+    projected = []
+    original = linear_module._Projection.logits
+    monkeypatch.setattr(linear_module._Projection, "logits",
+                        lambda self, rows: projected.append(rows.shape[0]) or original(self, rows))
+    hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((4, 10), 16, 101, ignore_frac=0.0)
+    mask[:] = False
+    mask[1, 3:6] = True
+    w = weight.clone().requires_grad_()
+    linear_loss(hidden, w, labels, aux, adv, mask, bias=bias, reduction="none", chunk_size=2).sum().backward()
+    assert projected == [2, 1, 2, 1]  # forward, then the backward's recomputation: 3 counted rows each
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    sweeps = []
+    original = linear_module._sweep
+    monkeypatch.setattr(linear_module, "_sweep", lambda *a, **k: sweeps.append(k.get("grads")) or original(*a, **k))
+    hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((3, 5), 16, 101)
+    w = weight.clone().requires_grad_()
+    with torch.no_grad():
+        value = linear_loss(hidden, w, labels, aux, adv, mask, bias=bias)
+    assert not value.requires_grad and sweeps == [None]
+
+
+def test_default_chunk_size_follows_vocab_and_free_memory(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    rows = linear_module._chunk_rows(None, 1024, 50400, torch.float32, cpu)
+    assert rows % linear_module.ROW_MULTIPLE == 0 and 0 < rows * 50400 * 4 <= apa_fast.logprob.TORCH_CHUNK_BYTES
+    monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 80 * 2**30)
+    roomy = linear_module._chunk_rows(None, 4096, 50400, torch.bfloat16, cuda)
+    assert roomy * 50400 * 2 <= linear_module.CHUNK_BYTES["cuda"] and roomy >= 1024
+    monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 2**30)
+    assert linear_module._chunk_rows(None, 4096, 50400, torch.bfloat16, cuda) < roomy
+    monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 0)
+    assert linear_module._chunk_rows(None, 4096, 50400, torch.bfloat16, cuda) == 1
+    assert linear_module._chunk_rows(7, 4096, 50400, torch.bfloat16, cuda) == 7
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors: raised before any work, naming the argument.
+# ----------------------------------------------------------------------------------------------------
+def _good():
+    hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((2, 3), 5, 11)
+    return dict(hidden=hidden, weight=weight, labels=labels, ref_logprobs=aux, advantages=adv, mask=mask, bias=bias)
+
+
+def _ungathered_zero3_weight():
+    """What DeepSpeed leaves in a ZeRO-3 parameter outside its module's forward: an empty local slice."""
+    param = torch.nn.Parameter(torch.empty(0))
+    param.ds_id, param.ds_shape = 7, torch.Size((11, 5))
+    return param
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(hidden=[[1.0]]), TypeError, "hidden must be a torch.Tensor"),
+        (dict(hidden=torch.randn(2, 3, 5).double()), TypeError, "hidden must be float32"),
+        (dict(hidden=torch.randn(2, 3, 0)), ValueError, "H >= 1"),
+        (dict(weight=torch.randn(11, 6)), ValueError, r"weight must have shape \(V, 5\)"),
+        (dict(weight=torch.randn(55)), ValueError, r"weight must have shape \(V, 5\)"),
+        (dict(weight=torch.randn(0, 5)), ValueError, r"weight must have shape \(V, 5\)"),
+        (dict(weight="lm_head"), TypeError, "weight must be a torch.Tensor"),
+        (dict(weight=torch.randn(11, 5).bfloat16()), TypeError, "weight must have hidden's dtype"),
+        (dict(weight=torch.randn(11, 5, device="meta")), ValueError, "weight is on meta but hidden is on cpu"),
+        (dict(weight=_ungathered_zero3_weight()), ValueError, r"weight is a DeepSpeed ZeRO-3 .*not gathered"),
+        (dict(bias=torch.randn(12)), ValueError, r"bias must have shape \(11,\)"),
+        (dict(bias=torch.randn(11).half()), TypeError, "bias must have hidden's dtype"),
+        (dict(bias=torch.randn(11, device="meta")), ValueError, "bias is on meta"),
+        (dict(bias=1.0), TypeError, "bias must be a torch.Tensor or None"),
+        (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, r"labels must have shape .*hidden.shape"),
+        (dict(labels=torch.full((2, 3), 11)), ValueError, r"labels must be in \[0, 11\)"),
+        (dict(labels=torch.rand(2, 3)), TypeError, "labels must be an integer"),
+        (dict(ref_logprobs=torch.randn(3, 2)), ValueError, "ref_logprobs must have shape"),
+        (dict(advantages=torch.randn(2, 3, device="meta")), ValueError, "advantages is on meta but hidden"),
+        (dict(mask=torch.rand(2, 3)), TypeError, "mask must be a bool"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=2.5), ValueError, "chunk_size"),
+        (dict(chunk_size=True), ValueError, "chunk_size"),
+        (dict(lam=0.0), ValueError, "lam"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_errors(change, error, match):
+    args = _good()
+    args.update(change)
+    with pytest.raises(error, match=match):
+        linear_loss(**args)
+
+
+def test_linear_logprobs_checks_its_arguments():
+    args = _good()
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 5\)"):
+        linear_logprobs(args["hidden"], args["weight"].T, args["labels"])
+    with pytest.raises(ValueError, match="temperature"):
+        linear_logprobs(args["hidden"], args["weight"], args["labels"], temperature=0)
