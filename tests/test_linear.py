@@ -89,7 +89,8 @@ def check(kind, backend, inputs, *, what, tol=FLOAT32_TOL, **kwargs):
                                      **kwargs)
     assert got_value.dtype == torch.float32
     assert_close_rel(got_value, want_value, tol, f"{what} value")
-    for name, got, want, like in zip(("hidden", "weight", "bias"), got_grads, want_grads, (hidden, weight, bias)):
+    inputs_and_grads = zip(("hidden", "weight", "bias"), got_grads, want_grads, (hidden, weight, bias), strict=True)
+    for name, got, want, like in inputs_and_grads:
         if like is None:
             assert got is None
             continue
@@ -200,7 +201,7 @@ def test_low_precision_is_as_accurate_as_the_materialised_path(backend, dtype):
     assert rel_err(got_value, want_value) <= LOW_PRECISION_FACTOR * rel_err(materialised, want_value) + floor
     interpreted_bf16 = backend == "triton" and dtype == torch.bfloat16
     factor = INTERPRETER_BF16_FACTOR if interpreted_bf16 else LOW_PRECISION_FACTOR
-    for name, got, leaf, want in zip(("hidden", "weight", "bias"), got_grads, leaves, want_grads):
+    for name, got, leaf, want in zip(("hidden", "weight", "bias"), got_grads, leaves, want_grads, strict=True):
         assert got.dtype == dtype
         assert rel_err(got, want) <= factor * rel_err(leaf.grad, want) + floor, name
 
