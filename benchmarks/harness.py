@@ -82,9 +82,9 @@ def _synchronised_setup(setup: Callable | None, device: str) -> Callable:
 
 
 def _round_plan(first_call_ms: float, device: str) -> tuple[int, int]:
-    """(warm-up rounds, timed rounds) that fit a per-measurement budget: ~0.3 s on CUDA, ~1.5 s on CPU."""
+    """(warm-up rounds, timed rounds) that fit a per-measurement budget: ~0.2 s on CUDA, ~1.5 s on CPU."""
     if str(device).startswith("cuda"):
-        budget_ms, least, most, warmup = 300.0, 10, 100, 3
+        budget_ms, least, most, warmup = 200.0, 10, 100, 3
     else:
         budget_ms, least, most, warmup = 1500.0, 3, 20, 1
     rounds = int(budget_ms / max(first_call_ms, 1e-3))

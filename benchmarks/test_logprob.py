@@ -39,25 +39,31 @@ def cpu_peaks(device, grid):
     return memory.peak_rss_in_subprocess(PROVIDERS_MODULE, [case.fields() for case in dict.fromkeys(cases)])
 
 
+def _measure(case, benchmark, device, copy_gbps, cpu_peaks) -> dict | None:
+    """The case's figures, or None when it ran out of memory (its tensors are gone once this returns)."""
+    try:
+        inputs = providers.make_inputs(case, device)
+        step, setup = providers.build_measurement(case, inputs)
+        return harness.measure(benchmark, step, setup=setup, device=device, floor_bytes=providers.floor_bytes(case),
+                               copy_gbps=copy_gbps, peak_mem_mb=cpu_peaks.get(case.id))
+    except Exception as exc:
+        if harness.is_out_of_memory(exc):
+            return None
+        raise
+
+
 def test_logprob_op(logprob_case, benchmark, device, copy_gbps, cpu_peaks):
     case = logprob_case
     reason = providers.unavailable_reason(case, device)
     if reason:
         pytest.skip(reason)
     fields = {**case.fields(), "backend": providers.backend_of(case, device)}
-    memory_metric = "cuda_max_allocated" if device.startswith("cuda") else "rss_hwm"
-    try:
-        inputs = providers.make_inputs(case, device)
-        step, setup = providers.build_measurement(case, inputs)
-        result = harness.measure(benchmark, step, setup=setup, device=device, floor_bytes=providers.floor_bytes(case),
-                                 copy_gbps=copy_gbps, peak_mem_mb=cpu_peaks.get(case.id))
-    except Exception as exc:
-        if not harness.is_out_of_memory(exc):
-            raise
-        inputs = step = setup = None
+    result = _measure(case, benchmark, device, copy_gbps, cpu_peaks)
+    if result is None:
         harness.release_memory(device)
         append_record(device, **fields, error="out of memory")
         pytest.skip(f"out of memory: {case.id}")
+    memory_metric = "cuda_max_allocated" if device.startswith("cuda") else "rss_hwm"
     append_record(device, **fields, **result, memory_metric=memory_metric if result["peak_mem_mb"] else None)
 
 

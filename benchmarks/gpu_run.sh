@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no network): environment report, build, CUDA tests, benchmark grid, report.
+#
+#   bash benchmarks/gpu_run.sh OUT_DIR
+#
+# Writes into OUT_DIR (flat, at most 5 files, as the device tool copies back): run.log (everything),
+# <GPU name>.jsonl (the benchmark records), summary.md and <GPU name>.md (tables; plots are drawn later,
+# where the records are committed). Each stage has its own time limit and the whole run stays inside
+# APA_GPU_BUDGET_S (default 560 s) so that it ends inside a 10-minute call; a stage that fails or runs out
+# of time is logged and the next one runs. The benchmark grid is ordered headline first, and every record is
+# written as soon as it is measured, so a cut-short grid still leaves its most important figures.
+#
+# Environment: APA_BENCH_COMMIT (the commit hash to stamp on the records; the device copy has no .git),
+# PYTHON (default python3), APA_GPU_BUDGET_S, APA_BENCH_GRID (default: full on a GPU).
+set -u -o pipefail
+
+OUT_DIR=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/run.log"
+PY=${PYTHON:-python3}
+BUDGET_S=${APA_GPU_BUDGET_S:-560}
+START_S=$SECONDS
+
+# Kernels must compile for the GPU: the unit tests' conftest only sets the interpreter when this is unset.
+export TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export APA_BENCH_RESULTS_DIR="$OUT_DIR"
+# Build only for this GPU (Hopper) with more parallel nvcc jobs than the cautious default.
+export APA_FAST_CUDA_ARCHS=${APA_FAST_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-8}
+
+remaining_s() { echo $((BUDGET_S - (SECONDS - START_S))); }
+
+# stage NAME LIMIT_S COMMAND...: run with a time limit (SIGINT first, so pytest ends cleanly), log everything.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local left
+    left=$(remaining_s)
+    ((limit > left)) && limit=$left
+    if ((limit < 5)); then
+        echo "=== $name: skipped, the time budget is spent" | tee -a "$LOG"
+        return 0
+    fi
+    echo "=== $name (limit ${limit}s, t=$((SECONDS - START_S))s): $*" | tee -a "$LOG"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== $name: exit ${PIPESTATUS[0]} at t=$((SECONDS - START_S))s" | tee -a "$LOG"
+}
+
+kernels_importable() { "$PY" -c "import apa_fast.kernels.logprob" >/dev/null 2>&1; }
+
+install_package() {
+    # Editable install: maps kernels/ to apa_fast.kernels and builds apa_fast._C with this machine's nvcc.
+    "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . && kernels_importable && return 0
+    echo "editable install failed: building in place and linking kernels/ as apa_fast/kernels"
+    "$PY" setup.py build_ext --inplace
+    [ -e apa_fast/kernels ] || ln -s ../kernels apa_fast/kernels
+    kernels_importable
+}
+
+export PY
+export -f kernels_importable install_package
+
+benchmark_files() {
+    # The log-prob grid first (it holds the headline figures), then every other benchmark file.
+    echo benchmarks/test_logprob.py
+    ls benchmarks/test_*.py | grep -v '^benchmarks/test_logprob.py$'
+}
+
+{
+    echo "apa_fast GPU run, $(date -u +%FT%TZ), commit ${APA_BENCH_COMMIT:-unknown}, budget ${BUDGET_S}s"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
+} | tee -a "$LOG"
+
+stage build 200 bash -c install_package
+stage info 60 "$PY" -m apa_fast.info
+stage cuda-tests 150 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider
+# Leave 30 s for the report.
+stage benchmarks $(($(remaining_s) - 30)) "$PY" -m pytest -q -p no:cacheprovider --benchmark-columns=median,rounds \
+    $(benchmark_files)
+stage report 30 "$PY" -m benchmarks.report --no-plots --out "$OUT_DIR"
+echo "=== done at t=$((SECONDS - START_S))s; files: $(ls "$OUT_DIR" | tr '\n' ' ')" | tee -a "$LOG"
