@@ -168,6 +168,8 @@ class _Gradients:
         )
 
     def scaled(self, factor: torch.Tensor) -> _Gradients:
+        if bool(factor == 1):  # loss.backward(): no second (V, H) buffer
+            return self
         return _Gradients(*(None if g is None else g * factor.to(g.dtype) for g in (self.hidden, self.weight,
                                                                                       self.bias)))
 
