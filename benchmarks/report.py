@@ -264,6 +264,9 @@ def write_plots(device: str, cases: dict, out_dir: Path) -> list[Path]:
         vocabs = sorted((v for v in panels if _swept(panels[v])), key=lambda v: v or 0)
         if not vocabs:
             continue
+        # One colour per provider across the panels, whichever providers a panel lacks.
+        labels = _order_labels({label for vocab in vocabs for label in panels[vocab]})
+        colours = {label: f"C{i}" for i, label in enumerate(labels)}
         fig, axes = plt.subplots(2, len(vocabs), figsize=(4.2 * len(vocabs), 6.4), squeeze=False)
         for column, vocab in enumerate(vocabs):
             for label in _order_labels(panels[vocab]):
@@ -272,12 +275,17 @@ def write_plots(device: str, cases: dict, out_dir: Path) -> list[Path]:
                     xs = [t for t, f in points if f.get(metric) is not None]
                     ys = [f[metric] for _, f in points if f.get(metric) is not None]
                     if xs:
-                        axes[row][column].plot(xs, ys, marker="o", label=label)
+                        axes[row][column].plot(xs, ys, marker="o", label=label, color=colours[label])
             axes[0][column].set_title(f"vocab {vocab:,}" if vocab else "")
             for row, ylabel in enumerate(("median time (ms)", "peak memory above inputs (MiB)")):
                 axis = axes[row][column]
                 axis.set_xscale("log", base=2)
-                axis.set_yscale("log")
+                # Memory may be ~0 (the in-place backward): symlog shows 0 where a log axis would drop it.
+                if row == 0:
+                    axis.set_yscale("log")
+                else:
+                    axis.set_yscale("symlog", linthresh=1.0)
+                    axis.set_ylim(bottom=0, top=axis.get_ylim()[1] * 2)
                 axis.set_xlabel("tokens")
                 axis.set_ylabel(ylabel)
                 axis.grid(True, which="both", alpha=0.3)

@@ -64,7 +64,7 @@ def test_logprob_op(logprob_case, benchmark, device, copy_gbps, cpu_peaks):
         append_record(device, **fields, error="out of memory")
         pytest.skip(f"out of memory: {case.id}")
     memory_metric = "cuda_max_allocated" if device.startswith("cuda") else "rss_hwm"
-    append_record(device, **fields, **result, memory_metric=memory_metric if result["peak_mem_mb"] else None)
+    append_record(device, **fields, **result, memory_metric=memory_metric if result["peak_mem_mb"] is not None else None)
 
 
 def test_cpu_peak_memory_target(device, cpu_peaks):
