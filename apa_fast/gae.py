@@ -46,10 +46,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
             asked for cannot run here (the message says why).
     """
     _check_inputs(rewards, values, mask, gamma, lam)
-    compute_dtype = torch.promote_types(rewards.dtype, values.dtype)
-    rewards, values = rewards.detach().to(compute_dtype), values.detach().to(compute_dtype)
-    valid = None if mask is None else mask.detach().bool()
     chosen = pick_gae_backend(backend, rewards.device)
+    input_dtype = torch.promote_types(rewards.dtype, values.dtype)  # the kernels read 16-bit inputs as they are
+    rewards, values = rewards.detach().to(input_dtype), values.detach().to(input_dtype)
+    valid = None if mask is None else mask.detach().bool()
     if chosen == "torch":
         return _gae_torch(rewards, values, valid, float(gamma), float(lam), bool(whiten))
     return torch.ops.apa_fast.gae(rewards, values, valid, float(gamma), float(lam), bool(whiten))

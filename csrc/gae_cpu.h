@@ -70,8 +70,9 @@ SpanSummary<Acc> summarize(const RowSpan<In, Acc>& span, int64_t length, GaeCoef
 
 constexpr int64_t kMinChunkLength = 1024;  // shorter chunks cost more in the second pass than they save
 
-// One row per task. (Interleaving rows on one thread to hide the step's latency was measured 10x slower:
-// rows 4 KiB apart all compete for the same L1 sets.)
+// One row per task, each a chain of dependent steps (~4 cycles a position). Interleaving rows on a thread
+// to overlap the chains did not pay when measured: with masks it gained nothing, and from 4 rows up it was
+// 3-7x slower (rows 4 KiB apart compete for the same L1 sets).
 template <typename In, typename Acc>
 void gae_by_rows(const GaeProblem<In, Acc>& p) {
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
