@@ -44,6 +44,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    if not on_gpu:  # processes sharing a machine's cores split them, instead of spinning against each other
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
