@@ -1,0 +1,129 @@
+"""Trainer rollout and update pieces: response masks, reward placement, padding on both sides, whitening,
+and the policy losses (fused and unfused backends) against float64 references."""
+
+import pytest
+import torch
+
+from apa_fast.train.config import TrainConfig
+from apa_fast.train.models import ActorCritic, position_ids, tiny_policy, train_tokenizer
+from apa_fast.train.rollout import IGNORE, Rollout, place_rewards, response_logits, response_mask, whiten
+from apa_fast.train.update import policy_loss, value_loss
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["\n\nHuman: Can you help me?\n\nAssistant: Sure, happy to help. Thanks!"] * 20
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def test_response_mask_counts_tokens_up_to_the_first_end(tokenizer):
+    eos = tokenizer.eos_token_id
+    word = tokenizer(" help", add_special_tokens=False)["input_ids"][0]
+    response = torch.tensor([[word, word, eos, eos], [word, word, word, word], [eos, eos, eos, eos]])
+    mask = response_mask(response, tokenizer, stop=[])
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_response_mask_drops_the_padding_after_a_stop_string(tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(" Sure, Human:", add_special_tokens=False)["input_ids"]
+    response = torch.tensor([ids + [eos, eos]])
+    assert response_mask(response, tokenizer, stop=["Human:"]).tolist() == [[1] * len(ids) + [0, 0]]
+
+
+def test_reward_sits_on_the_last_response_token():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    rewards = place_rewards(torch.tensor([1.0, -2.0, 3.0]), mask)
+    assert rewards.tolist() == [[0, 0, 1, 0], [-2, 0, 0, 0], [0, 0, 0, 3]]
+
+
+def test_whiten_uses_only_valid_positions():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    out = whiten(values, mask)
+    valid = out[mask]
+    assert valid.mean().abs() < 1e-6 and (valid.std(unbiased=False) - 1).abs() < 1e-5
+    assert (out[~mask] == 0).all()
+
+
+def test_padding_on_both_sides_does_not_change_logprobs_or_values(tokenizer):
+    cfg = TrainConfig(tiny_vocab=300, tiny_layers=2, tiny_width=32, tiny_heads=2)
+    policy = tiny_policy(cfg, tokenizer).eval()
+    model = ActorCritic(policy, None).eval()
+    prompt, response = [5, 6, 7, 8, 9], [10, 11, 12]
+    alone = torch.tensor([prompt + response])
+    # The same row behind 3 tokens of left padding and ahead of 2 of right padding (after its end).
+    pad = tokenizer.pad_token_id
+    padded = torch.tensor([[pad] * 3 + prompt + response + [pad] * 2])
+    padded_mask = torch.tensor([[0] * 3 + [1] * 8 + [0] * 2])
+    with torch.no_grad():
+        logits_alone = response_logits(policy, alone, torch.ones_like(alone), len(prompt))
+        logits_padded = response_logits(policy, padded, padded_mask, 3 + len(prompt))[:, :3]
+        _, values_alone = model(alone, torch.ones_like(alone), position_ids(torch.ones_like(alone)))
+        _, values_padded = model(padded, padded_mask, position_ids(padded_mask))
+    torch.testing.assert_close(logits_padded, logits_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values_padded[:, 3 + 4 : 3 + 7], values_alone[:, 4:7], atol=1e-5, rtol=1e-5)
+
+
+def _batch(rows=3, prompt=4, length=5, vocab=11):
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    mask[0, 3:] = False
+    mask[2, 1:] = False
+    return Rollout(
+        input_ids=torch.randint(0, vocab, (rows, prompt + length)),
+        attention_mask=torch.ones(rows, prompt + length, dtype=torch.long),
+        response_mask=mask,
+        logprobs=-torch.rand(rows, length), ref_logprobs=-torch.rand(rows, length),
+        values=torch.randn(rows, length), rewards=torch.zeros(rows, length),
+        advantages=torch.randn(rows, length), returns=torch.randn(rows, length), scores=torch.zeros(rows),
+    )
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, width, vocab):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(width, vocab)
+
+
+def _reference_loss(cfg, logits, batch):
+    """Each algorithm's loss in float64, summed over the counted tokens (the paper's formulas)."""
+    valid = batch.response_mask
+    logp = torch.log_softmax(logits.double() / cfg.logprob_temperature, -1)
+    logp = logp.gather(-1, torch.where(valid, batch.labels, 0)[..., None])[..., 0]
+    adv = batch.advantages.double()
+    if cfg.algo == "apa":
+        per_token = (logp - batch.ref_logprobs.double() - adv / cfg.apa_lam) ** 2
+    elif cfg.algo == "ppo":
+        ratio = torch.exp(logp - batch.logprobs.double())
+        clipped = ratio.clamp(1 - cfg.ppo_clip_eps, 1 + cfg.ppo_clip_eps)
+        per_token = torch.maximum(-adv * ratio, -adv * clipped)
+    else:
+        per_token = -torch.exp(adv / cfg.awr_lam).clamp(max=cfg.awr_max_weight) * logp
+    return (per_token * valid).sum()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("algo", ["apa", "ppo", "awr"])
+def test_policy_losses_match_float64_references(algo, backend):
+    cfg = TrainConfig(algo=algo, loss_backend=backend, temperature=0.7)
+    batch, head = _batch(), _Head(8, 11)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    loss = policy_loss(cfg, head, hidden, batch)
+    loss.backward()
+    grad = hidden.grad.clone()
+    hidden64 = hidden.detach().double().requires_grad_()
+    head64 = _Head(8, 11).double()
+    head64.load_state_dict(head.state_dict())
+    expected = _reference_loss(cfg, head64.lm_head(hidden64), batch)
+    expected.backward()
+    # float32 logits against float64: a few ulps of float32 relative to each sum.
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), hidden64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_value_loss_is_half_the_masked_squared_error():
+    batch = _batch()
+    values = torch.randn(3, 5)
+    expected = 0.5 * sum(((values[i, j] - batch.returns[i, j]) ** 2).item()
+                         for i in range(3) for j in range(5) if batch.response_mask[i, j])
+    assert value_loss(values, batch).item() == pytest.approx(expected, rel=1e-6)
