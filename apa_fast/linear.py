@@ -29,10 +29,11 @@ import torch
 from . import logprob, zero3
 from .logprob import APA, LOGPROB
 
-# Upper bound on one chunk's logits, by device type. On CPU it matches the torch path's own working chunk
-# (float32 bytes), so the chunk is one step of that path; on CUDA a chunk of 1-3k rows keeps the matmul
-# efficient while its logits stay far below the full [tokens x vocab] tensor.
-CHUNK_BYTES = {"cpu": logprob.TORCH_CHUNK_BYTES, "cuda": 256 * 2**20}
+# Upper bound on one chunk's logits, by device type. On CPU (float32 bytes) the torch path holds about four
+# float32 temporaries of its chunk, so 8 MiB keeps the loss's working set near 50 MiB; on CUDA the Triton
+# kernels hold none, and a chunk of 1-3k rows keeps the matmul efficient while its logits stay far below
+# the full [tokens x vocab] tensor.
+CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
 # A chunk never takes more than this fraction of the free memory.
 FREE_MEMORY_FRACTION = 8
 # Chunks are a multiple of this many rows when they can be (tensor-core tiles).
