@@ -155,16 +155,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
         import shutil
 
         shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
-    torch.manual_seed(cfg.seed + rank)  # each rank samples differently; restored from the checkpoint on resume
-    random.seed(cfg.seed + rank)
 
     prompts = load_prompts(cfg.dataset, cfg.dataset_split)
     tokenizer = load_tokenizer(cfg, prompts)
     stream = PromptStream(tokenize_prompts(prompts, tokenizer, cfg.max_prompt_tokens), cfg.seed)
     bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(cfg.seed)  # the same initial weights (value head included) on every rank
     model, pi_init = build_models(cfg, tokenizer, device, dtype)
     reward_fn = load_reward(cfg.reward, device, dtype)
+    torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses; restored on resume
+    random.seed(cfg.seed + rank)
 
     start_step = 0
     if checkpoint is not None:
