@@ -123,7 +123,8 @@ def _show(name, value) -> str:
 def _our_label(labels: list[str]) -> str:
     """The apa_fast column the speed-ups refer to: no variant, and a compiled backend over the torch one."""
     plain = [label for label in labels if label == OURS or label.startswith(OURS + " (")]
-    return next((label for label in plain if not label.endswith("(torch)")), plain[0] if plain else OURS)
+    fallback = plain[0] if plain else labels[0]  # an op benchmarked under other names: its first provider
+    return next((label for label in plain if not label.endswith("(torch)")), fallback)
 
 
 def op_table(cases: dict) -> list[str]:
@@ -132,9 +133,9 @@ def op_table(cases: dict) -> list[str]:
     labels = _order_labels({label for key in keys for label in cases[key]})
     columns = _shape_columns(keys)
     ours = _our_label(labels)
-    others = [label for label in labels if not label.startswith(OURS)]
+    others = [label for label in labels if not label.startswith(OURS) and label != ours]
     header = columns + labels + [f"{ours} vs {other}" for other in others] + [f"{ours} % of copy BW"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for key in keys:
         fields, row = dict(key), cases[key]
         ours_ms = (row.get(ours) or {}).get("ms")
@@ -142,8 +143,15 @@ def op_table(cases: dict) -> list[str]:
         floor = (row.get(ours) or {}).get("floor_fraction")
         cells = ([_show(c, fields.get(c, "")) for c in columns] + [_cell(row.get(label)) for label in labels]
                  + speedups + [f"{100 * floor:.0f}%" if floor else "—"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return _markdown(header, rows)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table without the columns that hold no figure at all."""
+    keep = [i for i in range(len(header)) if any(row[i] != "—" for row in rows)]
+    lines = ["| " + " | ".join(header[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    return lines + ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
 
 
 def _by_op(cases: dict) -> dict:
