@@ -38,6 +38,13 @@ struct Layout {
 
 __device__ __forceinline__ int padded(int i) { return i + i / kWarpSize; }
 
+// Inputs to the accumulation type with CUDA's own intrinsics: torch builds define __CUDA_NO_HALF_CONVERSIONS__
+// and __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the 16-bit types' conversion operators.
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ double widen(double x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 template <int ROW_WARPS>
 __device__ __forceinline__ void sync_row_group() {
   if constexpr (ROW_WARPS == 1) {
@@ -77,8 +84,8 @@ __device__ __forceinline__ void load_tile(const GaeProblem<In, Acc>& p, int64_t 
   for (int k = 0; k < kItems; ++k) {  // every load issued before the first shared store
     const int i = k * kRowThreads + rank;
     const bool inside = i < length;
-    reward[k] = inside ? static_cast<Acc>(p.rewards[start + i]) : Acc(0);
-    value[k] = inside ? static_cast<Acc>(p.values[start + i]) : Acc(0);
+    reward[k] = inside ? widen(p.rewards[start + i]) : Acc(0);
+    value[k] = inside ? widen(p.values[start + i]) : Acc(0);
     is_valid[k] = inside && (p.mask == nullptr || p.mask[start + i]);
   }
 #pragma unroll
