@@ -30,12 +30,22 @@ def _rss_measured(case: providers.Case) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cpu_peaks(device, grid):
-    """Resident-set peaks (MiB) of the CPU grid's forward+backward cases and the memory target, by case id."""
+def cpu_peaks(request, device):
+    """Resident-set peaks (MiB) of the selected forward+backward cases and the memory target, by case id.
+
+    One fresh process measures them all, and only those the session runs (``-k`` selects fewer).
+    """
     if device != "cpu":
         return {}
-    cases = [case for case in providers.grid_cases(grid, device) if _rss_measured(case)]
-    cases += providers.memory_target_cases()
+    cases = []
+    for item in request.session.items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if params and "logprob_case" in params and _rss_measured(params["logprob_case"]):
+            cases.append(params["logprob_case"])
+        elif item.name == test_cpu_peak_memory_target.__name__:
+            cases += providers.memory_target_cases()
+    if not cases:
+        return {}
     return memory.peak_rss_in_subprocess(PROVIDERS_MODULE, [case.fields() for case in dict.fromkeys(cases)])
 
 
@@ -64,7 +74,9 @@ def test_logprob_op(logprob_case, benchmark, device, copy_gbps, cpu_peaks):
         append_record(device, **fields, error="out of memory")
         pytest.skip(f"out of memory: {case.id}")
     memory_metric = "cuda_max_allocated" if device.startswith("cuda") else "rss_hwm"
-    append_record(device, **fields, **result, memory_metric=memory_metric if result["peak_mem_mb"] is not None else None)
+    if result["peak_mem_mb"] is None:
+        memory_metric = None
+    append_record(device, **fields, **result, memory_metric=memory_metric)
 
 
 def test_cpu_peak_memory_target(device, cpu_peaks):
