@@ -71,6 +71,10 @@ benchmark_files() {
 } | tee -a "$LOG"
 
 stage build 200 bash -c install_package
+if ! kernels_importable; then  # the build ran out of time: the Triton kernels need only the package mapping
+    echo "apa_fast.kernels not importable after the build stage: linking kernels/ as apa_fast/kernels" | tee -a "$LOG"
+    [ -e apa_fast/kernels ] || ln -s ../kernels apa_fast/kernels
+fi
 stage info 60 "$PY" -m apa_fast.info
 stage cuda-tests 150 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider
 # Leave 30 s for the report.
