@@ -32,20 +32,22 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(("seed", f"replay with APA_FAST_TEST_SEED={seeds[0]}"))
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / max(||expected||, 1e-6) in float64; NaN or inf anywhere gives inf.
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, scale, 1e-6) in float64; NaN or inf anywhere gives inf.
 
     The 1e-6 floor makes an expected value that is exactly 0 in exact arithmetic (a one-word vocabulary's
     gradient, 7e-15 after float64 rounding) compare absolutely rather than divide rounding noise by itself.
+    ``scale`` is the magnitude of the terms a reduced value sums: a sum of terms that cancel is only as
+    accurate as its terms, relative to them.
     """
     actual, expected = actual.double(), expected.double()
     if not torch.isfinite(actual).all():
         return float("inf")
-    return (actual - expected).norm().item() / max(expected.norm().item(), 1e-6)
+    return (actual - expected).norm().item() / max(expected.norm().item(), scale, 1e-6)
 
 
-def assert_close_rel(actual, expected, tol, what):
-    err = rel_err(actual, expected)
+def assert_close_rel(actual, expected, tol, what, scale=0.0):
+    err = rel_err(actual, expected, scale)
     if not err <= tol:
         worst = (actual.double() - expected.double()).abs().flatten()
         idx = int(worst.argmax()) if worst.numel() else 0
