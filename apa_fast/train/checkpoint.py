@@ -4,7 +4,7 @@ Layout of ``DIR/checkpoints/step_000050/``::
 
     policy/                 the policy in `save_pretrained` form (safetensors) with its tokenizer
     critic.safetensors      critic trunk (when not shared) and value head
-    optim_rank{r}.safetensors   this rank's optimizer: Adam moments and fp32 master weights of its ZeRO partition
+    optim_rank{r}.safetensors   this rank's fp32 master weights (its ZeRO partition) and their Adam moments
     rng_rank{r}.safetensors     this rank's torch / CUDA / Python RNG states
     trainer_state.json      step, data position, world size, ZeRO stage, the config
 
@@ -89,28 +89,33 @@ def set_rng_state(state: dict) -> None:
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper; its params are this rank's fp32 masters."""
+    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper: it updates this rank's fp32 masters."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _masters(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master tensors in a fixed order (ZeRO-3 keeps them outside the param groups)."""
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):
+        return list(engine.optimizer.fp32_partitioned_groups_flat)
+    return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
+
+
 def optimizer_state(engine) -> dict:
-    base = _base_optimizer(engine)
-    masters = [p for group in base.param_groups for p in group["params"]]
-    return {"optimizer": base.state_dict(), "masters": masters}
+    """Masters and their Adam state; the hyper-parameters come from the config and `set_lr`."""
+    base, masters = _base_optimizer(engine), _masters(engine)
+    return {"masters": masters, "moments": [dict(base.state.get(p, {})) for p in masters]}
 
 
 def set_optimizer_state(engine, state: dict) -> None:
-    base = _base_optimizer(engine)
-    masters = [p for group in base.param_groups for p in group["params"]]
-    if len(masters) != len(state["masters"]) or any(
-        p.shape != saved.shape for p, saved in zip(masters, state["masters"])
-    ):
+    base, masters = _base_optimizer(engine), _masters(engine)
+    if [p.shape for p in masters] != [saved.shape for saved in state["masters"]]:
         raise RuntimeError("the checkpoint's optimizer partitions do not match this run's (same ZeRO stage, "
                            "world size and trainable layers are needed to resume)")
     with torch.no_grad():
-        for param, saved in zip(masters, state["masters"]):
+        for param, saved, moments in zip(masters, state["masters"], state["moments"]):
             param.copy_(saved)
-    base.load_state_dict(state["optimizer"])
+            # Adam keeps its step count on the CPU and its moments next to the master.
+            base.state[param] = {k: v if k == "step" else v.to(param.device) for k, v in moments.items()}
 
 
 def gathered_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
