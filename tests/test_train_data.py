@@ -82,3 +82,17 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
         load_config(None, ["max_steps=many"])
     with pytest.raises(ValueError, match="algo"):
         load_config(None, ["algo=dpo"])
+
+
+def test_gptj_6b_config_is_complete_and_gives_a_consistent_deepspeed_config():
+    from apa_fast.train.trainer import deepspeed_config
+
+    cfg = load_config("configs/gptj-6b-hh.yaml")
+    assert (cfg.apa_lam, cfg.lr, cfg.num_layers_unfrozen, cfg.max_new_tokens) == (0.1, 1e-6, 2, 128)
+    ds = deepspeed_config(cfg, world_size=8, bf16=True)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 8 == cfg.minibatch_size
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "torch_adam" not in ds["optimizer"]["params"]  # ZeRO-Offload steps with DeepSpeed's CPU Adam
+    zero3 = deepspeed_config(load_config("configs/gptj-6b-hh.yaml", ["deepspeed_config=configs/ds_zero3.json"]), 8,
+                             True)
+    assert zero3["zero_optimization"]["stage"] == 3 and zero3["optimizer"]["params"]["torch_adam"]
