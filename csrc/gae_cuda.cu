@@ -12,7 +12,15 @@
 // merges the blocks' partials, and a small elementwise kernel rescales the advantages.
 #include "gae_cuda.cuh"
 
+#include <algorithm>
 #include <climits>
+
+#ifdef APA_FAST_CUDA_HOST_EMULATION  // every CUDA thread on a host thread: tests without a GPU
+#include "cuda_host_emulation.h"
+#define APA_FAST_LAUNCH(kernel, grid, block, stream) ::apa_fast::emulation::launch(kernel, grid, block)
+#else
+#define APA_FAST_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
 
 namespace apa_fast::cuda {
 namespace {
@@ -242,8 +250,9 @@ __global__ void __launch_bounds__(kBlockThreads) gae_kernel(const GaeProblem<In,
     }
     if constexpr (WHITEN) moments = merge(moments, moments_of(rewards_then_advantages, valid, kItems));
     sync_row_group<ROW_WARPS>();
+    // No barrier after the store: the next tile's loads write the very slots each thread has just stored
+    // from (the same striped positions), and the barrier above orders everything else.
     store_tile<ROW_WARPS>(p, start, length, rank, tile_first, tile_second);
-    sync_row_group<ROW_WARPS>();  // the next tile's loads overwrite what was just stored
   }
   if constexpr (WHITEN) publish_moments(moments, scratch);
 }
@@ -276,7 +285,8 @@ cudaError_t launch_with(const GaeProblem<In, Acc>& p, void* whiten_workspace, in
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
   if (whiten_workspace == nullptr) {
-    gae_kernel<In, Acc, ROW_WARPS, false><<<grid, kBlockThreads, 0, stream>>>(p, {nullptr, nullptr});
+    const auto kernel = gae_kernel<In, Acc, ROW_WARPS, false>;
+    APA_FAST_LAUNCH(kernel, grid, kBlockThreads, stream)(p, WhitenScratch<Acc>{nullptr, nullptr});
     return cudaGetLastError();
   }
   char* bytes = static_cast<char*>(whiten_workspace);
@@ -284,14 +294,16 @@ cudaError_t launch_with(const GaeProblem<In, Acc>& p, void* whiten_workspace, in
                                       reinterpret_cast<Moments<Acc>*>(bytes + whiten_partials_offset<Acc>())};
   cudaError_t status = cudaMemsetAsync(&scratch.header->blocks_done, 0, sizeof(unsigned int), stream);
   if (status != cudaSuccess) return status;
-  gae_kernel<In, Acc, ROW_WARPS, true><<<grid, kBlockThreads, 0, stream>>>(p, scratch);
+  const auto kernel = gae_kernel<In, Acc, ROW_WARPS, true>;
+  APA_FAST_LAUNCH(kernel, grid, kBlockThreads, stream)(p, scratch);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   const int64_t count = p.rows * p.cols;
   const int64_t whiten_blocks = std::min<int64_t>((count + kBlockThreads - 1) / kBlockThreads,
                                                   static_cast<int64_t>(sm_count) * kWantedWarpsPerSm / kBlockWarps);
-  whiten_kernel<Acc><<<static_cast<unsigned>(whiten_blocks), kBlockThreads, 0, stream>>>(p.advantages, p.mask,
-                                                                                         count, scratch.header);
+  const auto rescale = whiten_kernel<Acc>;
+  APA_FAST_LAUNCH(rescale, dim3(static_cast<unsigned>(whiten_blocks)), kBlockThreads, stream)(
+      p.advantages, p.mask, count, scratch.header);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,13 @@
-"""The CUDA GAE kernel compiles for Hopper (sm_90) without a GPU and without spilling registers.
+"""Checks of the CUDA GAE kernel that need no GPU.
 
-`csrc/gae_cuda.cu` includes no torch headers, so nvcc compiles it alone; `-Xptxas -v` reports each kernel's
-registers, stack frame and spill bytes. Skipped when nvcc is not installed.
+* It compiles for Hopper (sm_90) without spilling registers: `csrc/gae_cuda.cu` includes no torch headers,
+  so nvcc compiles it alone and `-Xptxas -v` reports each kernel's registers, stack frame and spill bytes.
+  Skipped when nvcc is not installed.
+* Its results match the float64 oracle when it runs on the host (`csrc/gae_cuda_emulation.cpp`: every CUDA
+  thread an OS thread, barriers and warp shuffles real), for every row-group size, mask layout, whitening
+  and input dtype. This runs the kernel's indexing, scans and barriers as written, but cannot prove the
+  absence of races (a missing barrier may go unnoticed) or say anything about speed: the `cuda`-marked tests
+  in test_gae.py do that on a GPU. Skipped without g++ or the CUDA headers.
 """
 
 import os
@@ -11,8 +17,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import assert_close_rel
+from test_gae import make_inputs, make_mask, oracle, tolerance
 
-CUDA_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "gae_cuda.cu"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CUDA_SOURCE = CSRC / "gae_cuda.cu"
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 ARCH = "sm_90"
 # torch.utils.cpp_extension compiles .cu files with these: without their conversion operators, the 16-bit
 # types must be widened with intrinsics, and this build checks that the kernel does so.
@@ -42,6 +53,7 @@ def kernel_resources(ptxas_log: str) -> dict[str, dict[str, int]]:
     return kernels
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
 def test_cuda_kernel_compiles_for_sm90_without_spills(tmp_path):
     command = [find_nvcc(), "-std=c++17", f"-arch={ARCH}", "-O3", *TORCH_BUILD_DEFINES, "-Xptxas", "-v",
@@ -61,3 +73,87 @@ ptxas info    : Function properties for _Z1kv
     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 64 registers, used 1 barriers, 19104 bytes smem"""
     assert kernel_resources(log) == {"_Z1kv": {"stack": 8, "spill_stores": 4, "spill_loads": 4, "registers": 64}}
+
+
+# --- the kernel run on the host ----------------------------------------------------------------------------
+
+def build_emulator(directory: Path, *flags: str) -> Path:
+    compiler = shutil.which("g++")
+    if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        pytest.skip("needs g++ and the CUDA headers to build the host emulation of the kernel")
+    executable = directory / "gae_cuda_emulation"
+    command = [compiler, "-std=c++20", "-pthread", "-Wno-attributes", *flags, f"-I{CUDA_INCLUDE}",
+               str(CSRC / "gae_cuda_emulation.cpp"), "-o", str(executable)]
+    build = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and "-fsanitize=thread" in flags and "tsan" in build.stderr:
+        pytest.skip(f"ThreadSanitizer's runtime is not installed: {build.stderr[-300:]}")
+    assert build.returncode == 0, f"building the emulation failed:\n{build.stderr[-4000:]}"
+    return executable
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    return build_emulator(tmp_path_factory.mktemp("emulation"), "-O2")
+
+
+@pytest.fixture(scope="module")
+def race_checked_emulator(tmp_path_factory) -> Path:
+    """The emulation under ThreadSanitizer: a barrier missing between shared-memory writes and reads of
+    different threads is reported (checked by deleting one), and the run fails."""
+    return build_emulator(tmp_path_factory.mktemp("emulation_tsan"), "-O1", "-fsanitize=thread", "-Wno-tsan")
+
+
+def emulate(executable, rewards, values, mask, *, gamma, lam, whiten, sm_count):
+    """(advantages, returns) of the CUDA kernel run on the host, planned for a GPU of `sm_count` SMs."""
+    rows, cols = rewards.shape
+    payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes()
+                       for t in (rewards, values, *([] if mask is None else [mask.to(torch.uint8)])))
+    arguments = [rows, cols, repr(gamma), repr(lam), int(whiten), int(mask is not None), sm_count,
+                 str(rewards.dtype).removeprefix("torch.")]
+    run = subprocess.run([str(executable), *map(str, arguments)], input=payload, capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()[-4000:]
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    advantages, returns = torch.frombuffer(bytearray(run.stdout), dtype=out_dtype).reshape(2, rows, cols)
+    return advantages, returns
+
+
+def check_emulated(executable, rows, cols, layout, *, whiten, sm_count, dtype=torch.float32):
+    rewards, values = make_inputs(rows, cols, dtype=dtype)
+    mask = make_mask(layout, rows, cols)
+    got = emulate(executable, rewards, values, mask, gamma=0.99, lam=0.95, whiten=whiten, sm_count=sm_count)
+    want = oracle(rewards, values, mask, gamma=0.99, lam=0.95, whiten=whiten)
+    for name, g, w in zip(("advantages", "returns"), got, want, strict=True):
+        assert_close_rel(g, w, tolerance(dtype, cols), f"emulated CUDA kernel, {name}")
+        if mask is not None:
+            assert (g[~mask] == 0).all(), f"{name}: nonzero at a masked position"
+
+
+# On a 1-SM plan the launcher wants 32 warps: these shapes give 1, 2, 4 and 8 warps a row (a block per row),
+# several tiles a row, and several blocks (whitening merges their partials).
+ROW_GROUP_SHAPES = {1: (40, 300), 2: (12, 700), 4: (6, 1500), 8: (2, 5000)}
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("layout", ["holes", "left_padding"])
+@pytest.mark.parametrize("row_warps", sorted(ROW_GROUP_SHAPES))
+def test_emulated_kernel_matches_oracle(emulator, row_warps, layout, whiten):
+    rows, cols = ROW_GROUP_SHAPES[row_warps]
+    check_emulated(emulator, rows, cols, layout, whiten=whiten, sm_count=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_emulated_kernel_input_dtypes(emulator, dtype):
+    check_emulated(emulator, 9, 600, "holes", whiten=True, sm_count=1, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (9, 37)])
+@pytest.mark.parametrize("layout", ["no_mask", "empty_rows"])
+def test_emulated_kernel_small_batches(emulator, shape, layout):
+    check_emulated(emulator, *shape, layout, whiten=True, sm_count=132)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row_warps", sorted(ROW_GROUP_SHAPES))
+def test_emulated_kernel_has_no_shared_memory_races(race_checked_emulator, row_warps):
+    rows, cols = ROW_GROUP_SHAPES[row_warps]
+    check_emulated(race_checked_emulator, rows, cols, "holes", whiten=True, sm_count=1)
