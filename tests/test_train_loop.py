@@ -35,7 +35,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     train(small(tmp_path, "stopped", max_steps=4), resume=True)
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "stopped")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert (a["reward_mean"], a["kl"]) == pytest.approx((b["reward_mean"], b["kl"]), rel=1e-5, abs=1e-6)
     for name, tensor in policy_weights(tmp_path / "straight").items():
         torch.testing.assert_close(policy_weights(tmp_path / "stopped")[name], tensor, msg=name)
@@ -125,7 +125,7 @@ def test_fused_and_unfused_loss_backends_train_alike(tmp_path):
         runs[backend] = metrics_of = train(small(tmp_path, backend, max_steps=2, loss_backend=backend))
         assert len(metrics_of) == 2
     fused, unfused = runs["triton"], runs["torch"]
-    for a, b in zip(fused, unfused):
+    for a, b in zip(fused, unfused, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-4)
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)

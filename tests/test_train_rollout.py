@@ -6,7 +6,7 @@ import torch
 
 from apa_fast.train.config import TrainConfig
 from apa_fast.train.models import ActorCritic, position_ids, tiny_policy, train_tokenizer
-from apa_fast.train.rollout import IGNORE, Rollout, place_rewards, response_logits, response_mask, whiten
+from apa_fast.train.rollout import Rollout, place_rewards, response_logits, response_mask, whiten
 from apa_fast.train.update import policy_loss, value_loss
 
 

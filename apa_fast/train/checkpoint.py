@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, config_dict
 
-
 # --- nested state (optimizer and RNG state dicts) <-> safetensors file with a JSON skeleton ---
 
 def _pack(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -112,7 +111,7 @@ def set_optimizer_state(engine, state: dict) -> None:
         raise RuntimeError("the checkpoint's optimizer partitions do not match this run's (same ZeRO stage, "
                            "world size and trainable layers are needed to resume)")
     with torch.no_grad():
-        for param, saved, moments in zip(masters, state["masters"], state["moments"]):
+        for param, saved, moments in zip(masters, state["masters"], state["moments"], strict=True):
             param.copy_(saved)
             # Adam keeps its step count on the CPU and its moments next to the master.
             base.state[param] = {k: v if k == "step" else v.to(param.device) for k, v in moments.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ class ClassifierReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        texts = [p + r for p, r in zip(prompts, responses)]
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
         scores = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,

@@ -13,6 +13,7 @@ import torch
 import apa_fast
 
 from .config import TrainConfig
+from .data import left_pad
 from .models import position_ids
 from .rewards import RewardFn, score
 
@@ -121,8 +122,6 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, cfg: TrainConfig, synced_g
 def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
                  cfg: TrainConfig, synced_gpus: bool = False) -> Rollout:
     """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages."""
-    from .data import left_pad
-
     device = next(actor_critic.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
     response = sample(actor_critic.policy, prompt_ids, prompt_mask, tokenizer, cfg, synced_gpus)

@@ -10,14 +10,22 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import (checkpoints_dir, latest_checkpoint, load_training_state, load_weights,
-                         read_trainer_state, save_checkpoint, truncate_metrics)
+from .checkpoint import (
+    checkpoints_dir,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    read_trainer_state,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .config import TrainConfig
 from .data import PromptStream, load_prompts, tokenize_prompts
 from .models import build_models, load_tokenizer
@@ -152,8 +160,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
     checkpoint = prepare_output_dir(out, resume, overwrite)
     torch.distributed.barrier()  # every rank has read `latest` before rank 0 may write a new one
     if rank == 0 and checkpoint is None:
-        import shutil
-
         shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
 
     prompts = load_prompts(cfg.dataset, cfg.dataset_split)
