@@ -129,3 +129,13 @@ def test_fused_and_unfused_loss_backends_train_alike(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-4)
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+
+
+def test_state_files_round_trip_nests_of_tensors_and_scalars(tmp_path):
+    state = {"masters": [torch.randn(3), torch.randn(2, 2)], "moments": [{"step": torch.tensor(4.0)}, {}],
+             "python": (3, tuple(range(5)), None), 7: {"lr": 1e-3, "betas": [0.9, 0.95], "name": "adamw"}}
+    checkpoint.save_state(state, tmp_path / "s.safetensors")
+    loaded = checkpoint.load_state(tmp_path / "s.safetensors")
+    assert loaded["python"] == state["python"] and loaded[7] == state[7]
+    assert all(torch.equal(a, b) for a, b in zip(loaded["masters"], state["masters"], strict=True))
+    assert torch.equal(loaded["moments"][0]["step"], state["moments"][0]["step"]) and loaded["moments"][1] == {}
