@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m apa_fast.demo
+	$(PY) -m apa_fast.train --output-dir runs/demo --overwrite
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks
