@@ -40,7 +40,10 @@ FIELDS = ["max_steps=1", "temperature=0", "rollout_batch_size=8", "minibatch_siz
 def test_two_gloo_processes_match_one(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    # In-process runs of earlier tests left this process's own rendezvous in the environment: drop it.
+    launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=os.getcwd())
     two, one = tmp_path / "two", tmp_path / "one"
     with socket.socket() as probe:  # torchrun's static rendezvous needs a concrete free port
         probe.bind(("127.0.0.1", 0))
