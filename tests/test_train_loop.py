@@ -102,7 +102,9 @@ def test_pretrained_policy_and_reward_model_load_from_disk(tmp_path):
 
 def test_command_line_writes_metrics_curves_and_resumes(tmp_path, capsys):
     run = tmp_path / "cli"
-    sets = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
+    # Also exercises stop strings in `generate` and the value head on the policy's own trunk.
+    fields = {**SMALL, "stop": '["Human:"]', "critic_shares_trunk": "true"}
+    sets = [arg for key, value in fields.items() for arg in ("--set", f"{key}={value}")]
     cli.main(["--output-dir", str(run), "--max-steps", "2", "--algo", "awr", *sets])
     with pytest.raises(SystemExit):
         cli.main(["--output-dir", str(run), "--max-steps", "3", *sets])
