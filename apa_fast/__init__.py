@@ -8,13 +8,14 @@ Public API (see README.md):
     apa_fast.linear_loss / linear_logprobs   the same from hidden states and the lm_head (no logits)
     apa_fast.gae         batched generalized advantage estimation (compiled extension or torch)
     apa_fast.APALoss     nn.Module wrapper of apa_fast.loss
+    apa_fast.zero3       gather a ZeRO-3 partitioned lm_head for linear_loss
     apa_fast.reference   the unfused PyTorch versions (benchmark baseline, test oracle's sibling)
 
 Importing the package needs only torch: Triton, the compiled extension and the trainer's dependencies
 load lazily, and `python -m apa_fast.info` explains any that are missing.
 """
 
-from . import reference
+from . import reference, zero3
 from .gae import gae
 from .linear import linear_logprobs, linear_loss
 from .logprob import awr_loss, logprobs, loss, ppo_loss
@@ -23,5 +24,5 @@ from .nn import APALoss
 __version__ = "0.1.0"
 __all__ = [
     "loss", "logprobs", "ppo_loss", "awr_loss", "linear_loss", "linear_logprobs", "gae", "APALoss", "reference",
-    "__version__",
+    "zero3", "__version__",
 ]

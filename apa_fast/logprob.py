@@ -115,7 +115,7 @@ def _as_rows3d(logits: torch.Tensor) -> torch.Tensor:
     ``x[:, :-1]`` of a contiguous ``(B, T, V)`` stays two leading dimensions and is not copied. Three or
     more leading dimensions that cannot merge fall back to one contiguous copy.
     """
-    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]) if size != 1]
+    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1], strict=True) if size != 1]
     merged: list[list[int]] = []
     for size, stride in dims:
         if merged and merged[-1][1] == stride * size:

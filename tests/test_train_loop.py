@@ -141,3 +141,26 @@ def test_state_files_round_trip_nests_of_tensors_and_scalars(tmp_path):
     assert loaded["python"] == state["python"] and loaded[7] == state[7]
     assert all(torch.equal(a, b) for a, b in zip(loaded["masters"], state["masters"], strict=True))
     assert torch.equal(loaded["moments"][0]["step"], state["moments"][0]["step"]) and loaded["moments"][1] == {}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_fused_lm_head_trains_like_the_logits_path(tmp_path, zero_stage):
+    """`fused_lm_head: true` (apa_fast.linear_loss / linear_logprobs, the lm_head gathered under ZeRO-3) gives
+    the losses of the logits path."""
+    ds_config = tmp_path / f"zero{zero_stage}.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}}))
+    runs = {
+        fused: train(small(tmp_path, f"zero{zero_stage}-{fused}", max_steps=2, loss_backend="torch",
+                           fused_lm_head=fused, deepspeed_config=str(ds_config)))
+        for fused in (False, True)
+    }
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-4)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-4)
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+
+
+def test_fused_lm_head_is_for_apa():
+    with pytest.raises(ValueError, match="fused_lm_head"):
+        TrainConfig(algo="ppo", fused_lm_head=True)

@@ -59,7 +59,7 @@ class TrainConfig:
     gae_lambda: float = 0.95
     whiten_advantages: bool = True  # over the valid tokens of the whole rollout (all processes)
     loss_backend: str = "auto"  # "auto" | "triton" | "torch": fused or unfused path of the same losses
-    fused_lm_head: bool = False  # policy loss from hidden states + lm_head weight (needs apa_fast.linear_loss)
+    fused_lm_head: bool = False  # APA: lm_head fused into the loss and log-probs (apa_fast.linear_loss): no logits
 
     # --- update ---
     ppo_epochs: int = 2
@@ -88,6 +88,9 @@ class TrainConfig:
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                 f"minibatch_size ({self.minibatch_size})"
             )
+        if self.fused_lm_head and self.algo != "apa":
+            raise ValueError(f"fused_lm_head (apa_fast.linear_loss) serves algo 'apa'; the {self.algo} baseline "
+                             "takes the logits path: set fused_lm_head false")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 

@@ -94,11 +94,30 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
     return (values - mean) * (var + eps) ** -0.5 * mask
 
 
-def response_logits(lm, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
-    """``(B, R, V)`` logits of a causal LM at the positions that score the response tokens."""
+def response_hidden(lm, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """``(B, R, H)`` last hidden states of a causal LM at the positions that score the response tokens."""
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids(attention_mask)).last_hidden_state
-    return lm.get_output_embeddings()(hidden[:, prompt_len - 1 : -1])
+    return hidden[:, prompt_len - 1 : -1]
+
+
+def response_logits(lm, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """``(B, R, V)`` logits of a causal LM at the positions that score the response tokens."""
+    return lm.get_output_embeddings()(response_hidden(lm, input_ids, attention_mask, prompt_len))
+
+
+def token_logprobs(cfg: TrainConfig, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
+    """float32 ``(B, R)`` log-probs of ``labels`` from hidden states ``(B, R, H)`` and the lm_head module.
+
+    With ``cfg.fused_lm_head`` the lm_head projection is fused into the log-softmax
+    (`apa_fast.linear_logprobs`): the ``(B, R, V)`` logits never exist. Under ZeRO-3 the lm_head weight is
+    gathered for it.
+    """
+    common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, backend=cfg.loss_backend)
+    if not cfg.fused_lm_head:
+        return apa_fast.logprobs(lm_head(hidden), labels, **common)
+    with apa_fast.zero3.gathered(lm_head.weight, lm_head.bias):
+        return apa_fast.linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias, **common)
 
 
 @torch.no_grad()
@@ -131,14 +150,11 @@ def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts:
     prompt_len = prompt_ids.shape[1]
     labels = torch.where(mask, response, IGNORE)
 
-    def logprobs_of(logits):
-        return apa_fast.logprobs(logits, labels, temperature=cfg.logprob_temperature, ignore_index=IGNORE,
-                                 backend=cfg.loss_backend)
-
     hidden, values = actor_critic(input_ids, attention_mask, position_ids(attention_mask))
-    logprobs = logprobs_of(actor_critic.lm_head(hidden[:, prompt_len - 1 : -1]))
+    logprobs = token_logprobs(cfg, actor_critic.lm_head, hidden[:, prompt_len - 1 : -1], labels)
     values = values[:, prompt_len - 1 : -1] * mask
-    ref_logprobs = logprobs_of(response_logits(pi_init, input_ids, attention_mask, prompt_len))
+    ref_hidden = response_hidden(pi_init, input_ids, attention_mask, prompt_len)
+    ref_logprobs = token_logprobs(cfg, pi_init.get_output_embeddings(), ref_hidden, labels)
 
     texts = tokenizer.batch_decode(torch.where(mask, response, tokenizer.pad_token_id), skip_special_tokens=True)
     prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)

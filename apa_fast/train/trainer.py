@@ -69,7 +69,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed JSON (ZeRO stage, offload) completed with the trainer's batch sizes and optimizer fields."""
     ds = json.loads(Path(cfg.deepspeed_config).read_text()) if cfg.deepspeed_config else {
         "zero_optimization": {"stage": 2}}
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.fused_lm_head and zero.get("stage") == 3:
+        # The fused loss holds lm_head.weight through apa_fast.zero3.gathered over its forward and backward;
+        # ZeRO-3's prefetcher (which saw the lm_head in generation) would re-fetch it meanwhile and fail on
+        # exit ("Cannot partition a param in flight", DeepSpeed 0.19.8). Prefetching off is the price.
+        zero["stage3_prefetch_bucket_size"] = 0
+    offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
     # torch's AdamW needs no compiled op; ZeRO-Offload runs DeepSpeed's CPU Adam (built on first use).
     optimizer.setdefault("params", {}).update(
@@ -154,8 +160,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(cfg, name) % world_size:
             raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the world size ({world_size})")
-    if cfg.fused_lm_head:
-        raise NotImplementedError("fused_lm_head: true needs apa_fast.linear_loss (issue 6); use false")
     out = Path(cfg.output_dir)
     checkpoint = prepare_output_dir(out, resume, overwrite)
     torch.distributed.barrier()  # every rank has read `latest` before rank 0 may write a new one

@@ -7,6 +7,8 @@ per-token mean of the global minibatch, whatever the split between processes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import apa_fast
@@ -23,12 +25,17 @@ class NonFiniteLossError(RuntimeError):
 def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -> torch.Tensor:
     """Sum over response tokens of the configured policy loss; ``hidden`` ``(B, R, H)`` scores the response.
 
-    The loss takes hidden states and the model rather than logits so that a fused lm_head + loss
-    (``cfg.fused_lm_head``) can drop in here without materialising the ``(B, R, V)`` logits.
+    With ``cfg.fused_lm_head`` (APA only) the lm_head projection is fused into the loss
+    (`apa_fast.linear_loss`): the ``(B, R, V)`` logits and their gradient never exist. Under ZeRO-3 the caller
+    holds the lm_head gathered (`lm_head_gathered`) over this call and the backward.
     """
-    logits = model.lm_head(hidden)
     common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, reduction="sum",
                   backend=cfg.loss_backend)
+    lm_head = model.lm_head
+    if cfg.fused_lm_head:
+        return apa_fast.linear_loss(hidden, lm_head.weight, batch.labels, batch.ref_logprobs, batch.advantages,
+                                    bias=lm_head.bias, lam=cfg.apa_lam, **common)
+    logits = lm_head(hidden)
     if cfg.algo == "apa":
         return apa_fast.loss(logits, batch.labels, batch.ref_logprobs, batch.advantages, lam=cfg.apa_lam,
                              **common)
@@ -37,6 +44,13 @@ def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -
                                  clip_eps=cfg.ppo_clip_eps, **common)
     return apa_fast.awr_loss(logits, batch.labels, batch.advantages, lam=cfg.awr_lam,
                              max_weight=cfg.awr_max_weight, **common)
+
+
+def lm_head_gathered(cfg: TrainConfig, model):
+    """The context the policy loss and its backward run in: the lm_head gathered under ZeRO-3 when fused."""
+    if not cfg.fused_lm_head:
+        return contextlib.nullcontext()
+    return apa_fast.zero3.gathered(model.lm_head.weight, model.lm_head.bias)
 
 
 def value_loss(values: torch.Tensor, batch: Rollout) -> torch.Tensor:
@@ -69,16 +83,17 @@ def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, worl
             scale = world_size / max(tokens, 1.0)
             hidden, values = engine(batch.input_ids, batch.attention_mask, position_ids(batch.attention_mask))
             response = slice(prompt_len - 1, -1)
-            pg_loss = policy_loss(cfg, model, hidden[:, response], batch) * scale
-            vf_loss = value_loss(values[:, response], batch) * scale
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            finite = all_reduce_sum(torch.isfinite(loss.detach()).float().cpu()).item() == world_size
-            if not finite:
-                raise NonFiniteLossError(
-                    f"step {step}: the loss is not finite (policy {pg_loss.item()}, value {vf_loss.item()}); "
-                    "stopped before applying it, the last checkpoint is the last good state"
-                )
-            engine.backward(loss)
+            with lm_head_gathered(cfg, model):
+                pg_loss = policy_loss(cfg, model, hidden[:, response], batch) * scale
+                vf_loss = value_loss(values[:, response], batch) * scale
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                finite = all_reduce_sum(torch.isfinite(loss.detach()).float().cpu()).item() == world_size
+                if not finite:
+                    raise NonFiniteLossError(
+                        f"step {step}: the loss is not finite (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                        "stopped before applying it, the last checkpoint is the last good state"
+                    )
+                engine.backward(loss)
             engine.step()
             totals += torch.tensor([pg_loss.item(), vf_loss.item()], dtype=torch.float64) / world_size
     totals = all_reduce_sum(totals)
