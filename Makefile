@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
