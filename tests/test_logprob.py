@@ -90,9 +90,8 @@ def run_fused(kind, backend, logits, labels, aux, adv, mask, *, lam=1.0, tempera
     return out.detach(), x.grad
 
 
-def make_inputs(rows_shape, vocab, *, dtype=torch.float32, scale=3.0, ignore_frac=0.15, mask_frac=0.25):
-    """Random logits (never zeros), labels with some ignore_index, a mask with holes, per-token data."""
-    logits = (torch.randn(*rows_shape, vocab) * scale).to(dtype)
+def make_token_data(rows_shape, vocab, *, ignore_frac=0.15, mask_frac=0.25):
+    """Labels with some ignore_index, per-token data, a mask with holes, random output weights."""
     labels = torch.randint(0, vocab, rows_shape)
     labels[torch.rand(rows_shape) < ignore_frac] = IGNORE
     mask = torch.rand(rows_shape) >= mask_frac
@@ -100,7 +99,13 @@ def make_inputs(rows_shape, vocab, *, dtype=torch.float32, scale=3.0, ignore_fra
     aux = -torch.rand(rows_shape) * 2 - torch.log(torch.tensor(float(vocab)))
     adv = torch.randn(rows_shape)
     weights = torch.randn(rows_shape)
-    return logits, labels, aux, adv, mask, weights
+    return labels, aux, adv, mask, weights
+
+
+def make_inputs(rows_shape, vocab, *, dtype=torch.float32, scale=3.0, ignore_frac=0.15, mask_frac=0.25):
+    """Random logits (never zeros) and the token data of `make_token_data`."""
+    logits = (torch.randn(*rows_shape, vocab) * scale).to(dtype)
+    return logits, *make_token_data(rows_shape, vocab, ignore_frac=ignore_frac, mask_frac=mask_frac)
 
 
 def check(kind, backend, logits, labels, aux, adv, mask, weights, *, what, **kwargs):
