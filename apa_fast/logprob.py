@@ -160,6 +160,12 @@ def _torch_epilogue(kind, logp, aux, adv, param0, param1):
     return -weight * logp, -weight
 
 
+def _scaled_float32(chunk: torch.Tensor, inv_temperature: float, *, copy: bool) -> torch.Tensor:
+    """``chunk / temperature`` in float32; a fresh buffer when ``copy`` (else possibly ``chunk`` itself)."""
+    scaled = chunk.to(torch.float32, copy=copy)
+    return scaled.mul_(inv_temperature) if inv_temperature != 1.0 else scaled
+
+
 def _torch_forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
     counted = labels >= 0
     safe_labels = torch.where(counted, labels, 0).long()
@@ -167,7 +173,7 @@ def _torch_forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, para
     target = torch.empty_like(lse)
     for first, chunk in _row_chunks(rows3d):
         rows = slice(first, first + chunk.shape[0])
-        scaled = chunk.float() * inv_temperature
+        scaled = _scaled_float32(chunk, inv_temperature, copy=inv_temperature != 1.0)
         lse[rows] = torch.logsumexp(scaled, dim=-1)
         target[rows] = scaled.gather(-1, safe_labels[rows, None])[:, 0]
     logp = torch.where(counted, target - lse, 0.0)
@@ -180,12 +186,14 @@ def _torch_backward(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
     counted = labels >= 0
     safe_labels = torch.where(counted, labels, 0).long()
     scale = row_grad * inv_temperature
+    # Rows that do not count (saved lse 0, scale 0) subtract +inf: softmax 0, never exp() overflow into 0 * inf.
+    shift = torch.where(counted, lse, float("inf"))
     out_chunks = (chunk for _, chunk in _row_chunks(out3d))
     for (first, chunk), out in zip(_row_chunks(rows3d), out_chunks, strict=True):
         rows = slice(first, first + chunk.shape[0])
-        # Rows that do not count have lse 0 and scale 0: mask them so that exp() cannot overflow into 0*inf.
-        scaled = torch.where(counted[rows, None], chunk.float() * inv_temperature, float("-inf"))
-        grad = torch.exp(scaled - lse[rows, None]).mul_(-scale[rows, None])
+        # One float32 buffer per chunk, updated in place: softmax, times -scale, plus scale at the label.
+        grad = _scaled_float32(chunk, inv_temperature, copy=True)
+        grad.sub_(shift[rows, None]).exp_().mul_(-scale[rows, None])
         grad.scatter_add_(-1, safe_labels[rows, None], scale[rows, None])
         out.copy_(grad)
     return out3d
