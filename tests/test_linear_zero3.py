@@ -5,7 +5,8 @@ The pytest test launches this file under ``torchrun --nproc_per_node 2``; each r
 DeepSpeed op compiles) and checks, against an unpartitioned float32 replica that sees both ranks' batches:
 the loss, the full (all-reduced) gradients of every parameter, and the parameters after the step. It also
 checks that a partitioned weight that was not gathered is refused with a message naming the fix, and that
-a backward run after leaving `apa_fast.zero3.gathered` fails (the reason the helper must cover it).
+a backward run after leaving `apa_fast.zero3.gathered` fails (the reason the helper must cover it), and
+that a lm_head weight that ZeRO-3's prefetcher has in flight when the context opens is waited for.
 """
 
 import os
@@ -38,6 +39,7 @@ def test_zero3_two_ranks_match_an_unpartitioned_replica():
         assert f"rank 0 zero3 {reduction} ok" in done.stdout and f"rank 1 zero3 {reduction} ok" in done.stdout
     assert "rank 0 refused ungathered ok" in done.stdout
     assert "rank 0 backward outside fails ok" in done.stdout
+    assert "rank 0 prefetched lm_head ok" in done.stdout and "rank 1 prefetched lm_head ok" in done.stdout
 
 
 def _free_port() -> int:
@@ -182,6 +184,51 @@ def _check_backward_outside_fails(engine, rank):
         raise AssertionError("a backward outside `gathered` went through: update apa_fast.zero3's docstring")
 
 
+def _check_prefetched_head(rank):
+    """ZeRO-3's prefetcher can leave an all-gather of the lm_head in flight when the context opens (the
+    trainer's update forward: the module trace recorded in generation continues with the lm_head). Started
+    here as the coordinator starts it (`all_gather_coalesced`, the handle filed in the model's in-flight
+    registry); `gathered(..., model=)` must wait for it (DeepSpeed 0.19.8's GatheredParameters skips it on
+    entry, its data not there yet, and fails on exit: "Cannot partition a param in flight")."""
+    import deepspeed
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    import apa_fast.linear
+    import apa_fast.zero3
+
+    torch.manual_seed(0)
+    model = _tiny_model()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                      config=ZERO3_CONFIG)
+    head = engine.module.lm_head
+    with deepspeed.zero.GatheredParameters([head.weight, head.bias]):
+        want = head.weight.detach().clone(), head.bias.detach().clone()
+    x, labels, ref_logprobs, advantages, mask, _ = _batch(rank)
+    hidden = engine(x)
+    registry = engine.module.ds_inflight_param_registry
+    handle = head.weight.all_gather_coalesced([head.weight, head.bias])  # the prefetch
+    registry[head.weight] = registry[head.bias] = handle
+    assert head.weight.ds_status == ZeroParamStatus.INFLIGHT, head.weight.ds_summary()
+    try:
+        with apa_fast.zero3.gathered(head.weight, head.bias):
+            pass
+    except RuntimeError as exc:
+        assert "model=engine.module" in str(exc), exc
+    else:
+        raise AssertionError("an in-flight lm_head was accepted without the model to wait for it")
+    with apa_fast.zero3.gathered(head.weight, head.bias, model=engine.module):
+        torch.testing.assert_close(head.weight.detach(), want[0], rtol=0, atol=0)
+        torch.testing.assert_close(head.bias.detach(), want[1], rtol=0, atol=0)
+        loss = apa_fast.linear.linear_loss(hidden, head.weight, labels, ref_logprobs, advantages, mask,
+                                           bias=head.bias, backend="torch")
+        engine.backward(loss)
+    assert head.weight.ds_status == ZeroParamStatus.NOT_AVAILABLE and head.weight.numel() == 0
+    assert head.weight not in registry and head.bias not in registry
+    engine.step()
+    print(f"rank {rank} prefetched lm_head ok", flush=True)
+
+
 def _worker():
     import deepspeed
     import torch.distributed as dist
@@ -195,6 +242,7 @@ def _worker():
         engine = _zero3_step(reduction, rank, world)
     _check_refused(engine, rank)
     _check_backward_outside_fails(engine, rank)
+    _check_prefetched_head(rank)
     dist.destroy_process_group()
 
 

@@ -70,11 +70,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     ds = json.loads(Path(cfg.deepspeed_config).read_text()) if cfg.deepspeed_config else {
         "zero_optimization": {"stage": 2}}
     zero = ds.setdefault("zero_optimization", {})
-    if cfg.fused_lm_head and zero.get("stage") == 3:
-        # The fused loss holds lm_head.weight through apa_fast.zero3.gathered over its forward and backward;
-        # ZeRO-3's prefetcher (which saw the lm_head in generation) would re-fetch it meanwhile and fail on
-        # exit ("Cannot partition a param in flight", DeepSpeed 0.19.8). Prefetching off is the price.
-        zero["stage3_prefetch_bucket_size"] = 0
     offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
     # torch's AdamW needs no compiled op; ZeRO-Offload runs DeepSpeed's CPU Adam (built on first use).

@@ -50,7 +50,7 @@ def lm_head_gathered(cfg: TrainConfig, model):
     """The context the policy loss and its backward run in: the lm_head gathered under ZeRO-3 when fused."""
     if not cfg.fused_lm_head:
         return contextlib.nullcontext()
-    return apa_fast.zero3.gathered(model.lm_head.weight, model.lm_head.bias)
+    return apa_fast.zero3.gathered(model.lm_head.weight, model.lm_head.bias, model=model)
 
 
 def value_loss(values: torch.Tensor, batch: Rollout) -> torch.Tensor:
