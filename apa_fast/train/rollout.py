@@ -106,17 +106,18 @@ def response_logits(lm, input_ids, attention_mask, prompt_len: int) -> torch.Ten
     return lm.get_output_embeddings()(response_hidden(lm, input_ids, attention_mask, prompt_len))
 
 
-def token_logprobs(cfg: TrainConfig, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
+def token_logprobs(cfg: TrainConfig, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                   model: torch.nn.Module | None = None):
     """float32 ``(B, R)`` log-probs of ``labels`` from hidden states ``(B, R, H)`` and the lm_head module.
 
     With ``cfg.fused_lm_head`` the lm_head projection is fused into the log-softmax
     (`apa_fast.linear_logprobs`): the ``(B, R, V)`` logits never exist. Under ZeRO-3 the lm_head weight is
-    gathered for it.
+    gathered for it; ``model`` is the DeepSpeed-wrapped module that owns it (see `apa_fast.zero3.gathered`).
     """
     common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, backend=cfg.loss_backend)
     if not cfg.fused_lm_head:
         return apa_fast.logprobs(lm_head(hidden), labels, **common)
-    with apa_fast.zero3.gathered(lm_head.weight, lm_head.bias):
+    with apa_fast.zero3.gathered(lm_head.weight, lm_head.bias, model=model):
         return apa_fast.linear_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias, **common)
 
 
@@ -151,7 +152,7 @@ def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts:
     labels = torch.where(mask, response, IGNORE)
 
     hidden, values = actor_critic(input_ids, attention_mask, position_ids(attention_mask))
-    logprobs = token_logprobs(cfg, actor_critic.lm_head, hidden[:, prompt_len - 1 : -1], labels)
+    logprobs = token_logprobs(cfg, actor_critic.lm_head, hidden[:, prompt_len - 1 : -1], labels, actor_critic)
     values = values[:, prompt_len - 1 : -1] * mask
     ref_hidden = response_hidden(pi_init, input_ids, attention_mask, prompt_len)
     ref_logprobs = token_logprobs(cfg, pi_init.get_output_embeddings(), ref_hidden, labels)
