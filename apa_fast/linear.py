@@ -275,7 +275,8 @@ _COMMON_DOC = """
     semantics, errors and reductions as `apa_fast.loss` on ``logits = hidden @ weight.T + bias``; the result
     is float32. Gradients flow to ``hidden``, ``weight`` and ``bias`` in their dtypes. ``chunk_size``: token
     rows projected at a time (default: from H, V and the free memory). ``backend``: as for `apa_fast.loss`.
-    Under DeepSpeed ZeRO-3 call it (forward and backward) inside ``apa_fast.zero3.gathered(weight, bias)``."""
+    Under DeepSpeed ZeRO-3 call it (forward and backward) inside
+    ``apa_fast.zero3.gathered(weight, bias, model=engine.module)``."""
 
 
 def linear_loss(hidden, weight, labels, ref_logprobs, advantages, mask=None, *, bias=None, lam=1.0,
