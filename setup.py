@@ -1,10 +1,12 @@
-"""Build script: the Python package plus the optional compiled extension (csrc/).
+"""Build script: the Python package, the C++/CUDA sources (csrc/, shipped as `apa_fast/csrc`), and the
+extension built from them when torch is importable here.
 
-The compiled part is optional by design: if it is skipped (APA_FAST_NO_EXT=1) or fails to build,
-the package still installs and every op runs on its pure-PyTorch path; `python -m apa_fast.info` says why.
 `apa_fast._C` is the C++ CPU kernel, plus the CUDA kernel when torch is a CUDA build and nvcc is found
-(architectures from APA_FAST_CUDA_ARCHS, default "8.0;9.0+PTX"). Torch must already be installed:
-`pip install --no-build-isolation .`.
+(architectures from APA_FAST_CUDA_ARCHS, default "8.0;9.0+PTX"). It builds only when torch is importable at
+build time, i.e. with `pip install --no-build-isolation .` after torch; a plain `pip install .` builds in an
+isolated environment without torch and installs the sources alone, and the package then builds the
+extension just in time on first use (apa_fast/_ext_build.py). Skipped (APA_FAST_NO_EXT=1) or failed, the
+package still installs; `python -m apa_fast.info` says where the extension came from, or why there is none.
 """
 
 import glob
@@ -14,9 +16,10 @@ import warnings
 from setuptools import find_packages, setup
 
 # kernels/ (Triton device code) is installed as apa_fast.kernels: a top-level package named
-# `kernels` would shadow Hugging Face's `kernels` package.
-PACKAGES = find_packages(include=["apa_fast", "apa_fast.*"]) + ["apa_fast.kernels"]
-PACKAGE_DIR = {"apa_fast": "apa_fast", "apa_fast.kernels": "kernels"}
+# `kernels` would shadow Hugging Face's `kernels` package. csrc/ is installed as apa_fast/csrc (package data,
+# see pyproject.toml) for the just-in-time build.
+PACKAGES = find_packages(include=["apa_fast", "apa_fast.*"]) + ["apa_fast.kernels", "apa_fast.csrc"]
+PACKAGE_DIR = {"apa_fast": "apa_fast", "apa_fast.kernels": "kernels", "apa_fast.csrc": "csrc"}
 
 
 def optional(build_ext_class):
@@ -27,8 +30,8 @@ def optional(build_ext_class):
             try:
                 super().run()
             except Exception as exc:  # compiler errors surface as several unrelated exception types
-                warnings.warn(f"apa_fast: the compiled extension failed to build, PyTorch paths only: {exc}",
-                              stacklevel=1)
+                warnings.warn(f"apa_fast: the compiled extension failed to build ({exc}); it is tried again "
+                              "just in time on first use", stacklevel=1)
 
     return OptionalBuildExt
 
@@ -41,8 +44,9 @@ def compiled_extension():
         import torch
         from torch.utils import cpp_extension
     except ImportError as exc:
-        warnings.warn(f"apa_fast: torch is not importable at build time ({exc}), PyTorch paths only; "
-                      "install torch first, then `pip install --no-build-isolation .`", stacklevel=1)
+        warnings.warn(f"apa_fast: torch is not importable at build time ({exc}): the extension builds on first "
+                      "use instead (or `python -m apa_fast.build`); to build it now, install torch first, then "
+                      "`pip install --no-build-isolation .`", stacklevel=1)
         return [], {}
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))  # nvcc jobs take GBs each
     options = {

@@ -6,11 +6,15 @@ Every optional dependency is probed lazily, once, and the reason for an absence 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
+import types
 
 import torch
+
+from . import _ext_build
 
 LOSS_BACKENDS = ("auto", "triton", "torch")
 GAE_BACKENDS = ("auto", "cuda", "cpu", "torch")
@@ -65,60 +69,116 @@ def pick_loss_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and reason is None else "torch"
 
 
-def _gae_kernel_unavailable_reason(device: torch.device) -> str | None:
+def _gae_kernel_unavailable_reason(device: torch.device, build: bool) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"the compiled GAE kernels do not support device type {device.type!r}"
-    module = extension()
-    if module is None:
-        return extension_error()
-    if device.type == "cuda" and not module.with_cuda:
-        return ("apa_fast._C was built without its CUDA kernel (torch was a CPU build or nvcc was missing at "
-                "install time): reinstall with a CUDA torch and nvcc, or use backend='torch'")
+    status = extension_status(build=False)
+    if status.origin == "not built":
+        # Build only what can serve this device: a build without the CUDA kernel is no use to CUDA tensors.
+        cuda_unbuildable = device.type == "cuda" and _ext_build.plan().no_cuda_reason
+        if cuda_unbuildable:
+            return f"apa_fast._C is not installed and its CUDA kernel cannot be built here: {cuda_unbuildable}"
+        if build:
+            status = extension_status(build=True)
+    if status.module is None:
+        return status.reason()
+    if device.type == "cuda" and not status.module.with_cuda:
+        return (f"apa_fast._C ({status.origin}) was built without its CUDA kernel (torch was a CPU build or nvcc "
+                "was missing when it was built): rebuild it with a CUDA torch and nvcc, or use backend='torch'")
     return None
 
 
-def pick_gae_backend(backend: str, device: torch.device) -> str:
+def pick_gae_backend(backend: str, device: torch.device, *, build: bool = True) -> str:
     """Resolve ``backend`` for `apa_fast.gae` on tensors living on ``device``.
 
-    "auto" picks the compiled kernel of the tensors' device ("cuda" or "cpu") when it loaded, else the
-    PyTorch path. An explicit backend that cannot run raises RuntimeError with the reason (a device that is
-    not the backend's included); an unknown one ValueError.
+    "auto" picks the compiled kernel of the tensors' device ("cuda" or "cpu") when it is available, else the
+    PyTorch path; "auto", "cpu" and "cuda" build the extension just in time when it is not installed and can be
+    built for the device (``build=False`` only looks). An explicit backend that cannot run raises RuntimeError
+    with the reason (a device that is not the backend's included); an unknown one ValueError.
     """
     if backend not in GAE_BACKENDS:
         raise ValueError(f"backend must be one of {GAE_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    reason = _gae_kernel_unavailable_reason(device)
+    if backend != "auto" and device.type != backend:
+        raise RuntimeError(f"backend={backend!r} runs on {backend} tensors, got tensors on {device}")
+    reason = _gae_kernel_unavailable_reason(device, build)
     if backend == "auto":
         return device.type if reason is None else "torch"
-    if device.type != backend:
-        raise RuntimeError(f"backend={backend!r} runs on {backend} tensors, got tensors on {device}")
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
     return backend
 
 
-@functools.cache
-def extension():
-    """The compiled extension module `apa_fast._C` (GAE ops), or None; see `extension_error()`."""
+@dataclasses.dataclass(frozen=True)
+class ExtensionStatus:
+    """Where the compiled extension came from, or why there is none.
+
+    origin: "installed" (`apa_fast._C`, built by `pip install --no-build-isolation`), "cached build" (built
+    just in time, by this process or an earlier one), "failed build", "disabled" (APA_FAST_NO_EXT=1), or
+    "not built" (nothing installed or cached yet; seen only when asked not to build). path: the module's file,
+    or the build directory when there is no module. detail: the compiler's output for a failed build, what
+    would be built for "not built", why an installed `apa_fast._C` was passed over, else "".
+    """
+
+    module: types.ModuleType | None
+    origin: str
+    path: str | None = None
+    detail: str = ""
+
+    def reason(self) -> str:
+        """Why there is no module, for error messages (a compiler's output cut to its last lines)."""
+        if self.origin == "disabled":
+            return "the compiled extension is disabled by APA_FAST_NO_EXT=1"
+        if self.origin == "failed build":
+            tail = "\n".join(self.detail.rstrip().splitlines()[-20:])
+            return (f"apa_fast._C is not installed and building it in {self.path} failed (`python -m apa_fast.info` "
+                    f"shows why, `python -m apa_fast.build` retries):\n{tail}")
+        return f"apa_fast._C is not built yet: {self.detail}"
+
+
+_status: ExtensionStatus | None = None
+
+
+def extension_status(build: bool = True) -> ExtensionStatus:
+    """The compiled extension: the installed `apa_fast._C` if it imports, else the cached just-in-time build,
+    built now (one line on stderr, about a minute) when there is none and ``build``. Resolved once a process
+    (a failed build included); only "not built" is looked at again."""
+    global _status
+    if _status is None or (_status.origin == "not built" and build):
+        _status = _find_extension(build)
+    return _status
+
+
+def _find_extension(build: bool) -> ExtensionStatus:
     if os.environ.get("APA_FAST_NO_EXT", "0") not in ("", "0"):
-        return None
+        return ExtensionStatus(None, "disabled")
     try:
-        return importlib.import_module("apa_fast._C")
-    except Exception:
-        return None
+        module = importlib.import_module("apa_fast._C")
+        return ExtensionStatus(module, "installed", module.__file__)
+    except ModuleNotFoundError:  # the usual case after a build-isolated `pip install .`
+        passed_over = ""
+    except Exception as exc:  # e.g. an undefined symbol after torch was upgraded under it
+        passed_over = f"the installed apa_fast._C did not load ({type(exc).__name__}: {exc})"
+    build_plan = _ext_build.plan()
+    directory = str(build_plan.directory)
+    try:
+        module = _ext_build.load(build_plan, build=build)
+    except _ext_build.BuildFailed as exc:
+        return ExtensionStatus(None, "failed build", directory, "\n".join(filter(None, [str(exc), passed_over])))
+    if module is None:
+        return ExtensionStatus(None, "not built", directory,
+                               f"the first call that needs it builds {build_plan.describe()} into {directory}, "
+                               f"or run `python -m apa_fast.build`; {passed_over}".rstrip("; "))
+    return ExtensionStatus(module, "cached build", module.__file__, passed_over)
 
 
-@functools.cache
+def extension():
+    """The compiled extension module (GAE ops), built just in time if need be, or None; see `extension_error()`."""
+    return extension_status().module
+
+
 def extension_error() -> str | None:
     """Why the compiled extension is not loaded (None when it is)."""
-    if os.environ.get("APA_FAST_NO_EXT", "0") not in ("", "0"):
-        return "disabled by APA_FAST_NO_EXT=1"
-    try:
-        importlib.import_module("apa_fast._C")
-    except Exception as exc:
-        return (
-            f"apa_fast._C did not load ({type(exc).__name__}: {exc}); reinstall with "
-            "`pip install --no-build-isolation .` and a C++ compiler to build it"
-        )
-    return None
+    status = extension_status()
+    return None if status.module is not None else status.reason()

@@ -1,7 +1,8 @@
 """``python -m apa_fast.info [--aot sm_90]``: what this installation can run, and why not where it cannot.
 
-Without arguments: versions, the device, whether the compiled extension loaded (or why not), and which
-backend each op picks here. With ``--aot ARCH``: compiles every Triton kernel variant ahead of time for
+Without arguments: versions, the device, where the compiled extension came from (installed, cached
+just-in-time build, failed build with the compiler's output, disabled, or not built yet), and which backend
+each op picks here. With ``--aot ARCH``: compiles every Triton kernel variant ahead of time for
 that GPU architecture (no GPU needed) and prints registers, shared memory and spills per kernel and block
 size, read from the cubin with the ``cuobjdump`` that ships inside the Triton wheel. Exits 1 if any
 variant fails to compile or spills (stack or local memory above zero).
@@ -44,13 +45,20 @@ def environment_report() -> str:
         f"device        {torch.cuda.get_device_name() if cuda else 'cpu'} "
         f"({torch.get_num_threads()} CPU threads)",
         f"interpreter   TRITON_INTERPRET={'1' if _dispatch.interpreter_enabled() else '0'}",
-        f"extension     {'loaded' if _dispatch.extension() is not None else _dispatch.extension_error()}",
+        *_extension_lines(_dispatch.extension_status(build=False)),
         f"loss backend  auto -> {_dispatch.pick_loss_backend('auto', device)} on {device.type}",
+        f"gae backend   auto -> {_dispatch.pick_gae_backend('auto', device, build=False)} on {device.type}",
     ]
-    pick_gae = getattr(_dispatch, "pick_gae_backend", None)
-    if pick_gae is not None:
-        lines.append(f"gae backend   auto -> {pick_gae('auto', device)} on {device.type}")
     return "\n".join(lines)
+
+
+def _extension_lines(status: _dispatch.ExtensionStatus) -> list[str]:
+    """Where the compiled extension came from, then its detail (a failed build's compiler output, last lines)
+    indented. Looks without building: the report never starts a compile."""
+    head = f"extension     {status.origin}" + (f": {status.path}" if status.path else "")
+    if status.origin == "failed build":
+        head += " (`python -m apa_fast.build` retries); compiler output:"
+    return [head, *(f"    {line}" for line in status.detail.rstrip().splitlines()[-30:])]
 
 
 @dataclass
