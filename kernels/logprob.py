@@ -1,20 +1,34 @@
-"""Triton kernels for token log-probabilities and the policy losses built on them (APA, PPO, AWR).
+"""Triton kernels for token log-probabilities and the policy losses built on them (APA, PPO, AWR...).
 
-One kernel family, one loss-specific epilogue:
+One kernel family, one loss epilogue (`_loss_epilogue`, selected by the ``LOSS`` constexpr, whose ids come
+from `apa_fast.kinds.KINDS`), three passes:
 
-* ``_logprob_fwd_kernel``: one program per token row. A single pass over the vocabulary in blocks keeps an
-  online log-sum-exp in float32 (whatever the logits' dtype), gathers the sampled token's logit, and runs
-  the epilogue selected by the ``LOSS`` constexpr. It writes four float32 numbers per row: the log-prob,
-  the log-sum-exp, the per-token loss and ``d loss / d logp``. Nothing of size ``[rows x vocab]`` is written.
-* ``_logprob_bwd_kernel``: a 2-D grid (rows x vocabulary blocks). Each program reads one block of logits
-  once, rebuilds the softmax from the saved log-sum-exp and writes
+* ``_logprob_fwd_kernel`` (pass "forward"): one program per token row. A single pass over the vocabulary in
+  blocks keeps a log-sum-exp per lane in float32 (whatever the logits' dtype) and reduces across lanes once,
+  after the loop; it gathers the sampled token's logit and runs the epilogue. It writes four float32 numbers
+  per row: the log-prob, the log-sum-exp, the per-token loss and ``d loss / d logp``. Nothing of size
+  ``[rows x vocab]`` is written.
+* ``_logprob_bwd_kernel`` (pass "backward"): a 2-D grid (rows x vocabulary blocks). Each program reads one
+  block of logits once, rebuilds the softmax from the saved log-sum-exp and writes
   ``dlogits = g_row * (onehot(label) - softmax) / temperature`` in the logits' dtype, optionally into the
   logits buffer itself.
+* ``_logprob_fwd_grad_kernel`` (pass "forward_grad", training mode): the forward's row pass, then, in the
+  same program, a second pass over the row that re-reads it (from L2: few rows are in flight, see
+  `grad_block_config`) and writes ``dlogits`` for a known upstream scale. DRAM traffic: the logits read once
+  and the gradient written once, instead of the logits read twice by the two-kernel path.
 
 Row addressing: the leading dimensions of ``logits (..., V)`` are collapsed by the host into at most two
 (outer, inner) with their own strides, so slices such as ``logits[:, :-1]`` need no copy. A row whose
-label is negative does not count (the host folds ``ignore_index`` and the mask into that): its loss and
-gradient coefficient are 0, its logits are never read, and its gradient row is exact zeros.
+label is negative does not count (the host folds ``ignore_index`` and the mask into that): its outputs
+and gradient coefficient are 0, its logits are never read, and its gradient row is exact zeros.
+
+Non-finite logits: ``-inf`` anywhere (masked vocabularies, whole -inf blocks or lanes) gives the torch
+backend's answer. The running maximum starts at the most negative finite float instead of ``-inf``, so the
+online update never forms ``-inf - -inf``; padded lanes load ``-inf`` and are scaled by ``1/T > 0`` (the host
+accepts T in [1e-6, 1e6]), so they never form ``-inf * 0``.
+
+Exponentials are base 2 (``exp2(x * log2(e) / T)``): one multiply folded into the scale, and the ``ex2``
+instruction the hardware has.
 """
 
 from __future__ import annotations
@@ -23,23 +37,40 @@ import torch
 import triton
 import triton.language as tl
 
-# Epilogue selectors (the LOSS constexpr), equal to those of apa_fast.logprob. Kernels may read module
-# globals only when they are constexpr.
-LOGPROB, APA, PPO, AWR = (tl.constexpr(kind) for kind in range(4))
-EPILOGUE_NAMES = ("logprob", "apa", "ppo", "awr")
+from ..kinds import APA, AWR, KINDS, LOGPROB, PPO
 
-# The block cap keeps the forward's registers bounded (no spills at 4096 with 8 warps on sm_90; see
-# `python -m apa_fast.info --aot sm_90`); larger vocabularies loop over more blocks.
+# Epilogue selectors (the LOSS constexpr): the registry's ids. Kernels may read module globals only when
+# they are constexpr.
+_LOGPROB, _APA, _PPO, _AWR = (tl.constexpr(kind.id) for kind in (LOGPROB, APA, PPO, AWR))
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# Where the running maximum starts: finite, so that exp2(running_max - new_max) is never exp2(-inf - -inf).
+_MOST_NEGATIVE = tl.constexpr(-3.4028234663852886e38)
+
+# Block caps. The forward and backward stream and keep 16 elements per thread (two 128-bit loads in bf16,
+# four in float32). The forward-with-gradient kernel uses larger blocks with 32 warps so that one program
+# fills an SM: about 132 rows in flight on an H100, 13 MB of bf16 rows at V = 50,400, well inside its 50 MB
+# L2, so the second pass over each row hits L2 (`python -m apa_fast.info --aot sm_90` shows the registers).
 MAX_BLOCK_V = 4096
+MAX_GRAD_BLOCK_V = 16384
 
 
 def block_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of ``vocab`` columns: the whole row up to MAX_BLOCK_V."""
+    """(BLOCK_V, num_warps) of the forward and backward: the whole row up to MAX_BLOCK_V."""
     block = min(triton.next_power_of_2(max(vocab, 16)), MAX_BLOCK_V)
     num_warps = 2 if block <= 512 else 4 if block <= 2048 else 8
     return block, num_warps
 
 
+def grad_block_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the forward-with-gradient kernel: 16 elements per thread, up to 32 warps."""
+    block = min(triton.next_power_of_2(max(vocab, 16)), MAX_GRAD_BLOCK_V)
+    return block, max(1, min(32, block // 512))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers shared by the kernels.
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner):
     # int64 before any multiplication: rows x V may exceed 2**31 elements.
@@ -48,6 +79,88 @@ def _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner):
     return logits_ptr + outer * stride_outer + inner * stride_inner
 
 
+@triton.jit
+def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexpr):
+    """log2(sum(exp2(x * scale2))) over the row's columns ``[0, read_to)`` (``read_to`` is ``vocab`` or 0).
+
+    Each lane keeps its own running maximum ``m`` and sum ``s`` (relative to ``m``) across the loop, and the
+    lanes are combined once at the end: no cross-warp reduction, hence no barrier, inside the loop. One
+    exponential per element: ``p = exp2(-|x - m|)`` is ``exp2(m - x)`` when ``x`` raises the maximum (the old
+    sum is rescaled by it and ``x`` contributes 1) and ``exp2(x - m)`` otherwise.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_V,), _MOST_NEGATIVE, tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, read_to, BLOCK_V):
+        x = tl.load(base + (start + cols) * stride_v, mask=start + cols < vocab, other=float("-inf"))
+        x = x.to(tl.float32) * scale2  # padded and -inf lanes stay -inf: scale2 > 0
+        p = tl.exp2(-tl.abs(x - m))  # x = -inf: exp2(-inf) = 0, never NaN (m is finite)
+        s = tl.where(x > m, s * p + 1.0, s + p)
+        m = tl.maximum(m, x)
+    row_max = tl.max(m, axis=0)
+    # m <= row_max: every factor is in [0, 1]; an all -inf row sums to 0 and gives -inf, as torch does.
+    return row_max + tl.log2(tl.sum(s * tl.exp2(m - row_max), axis=0))
+
+
+@triton.jit
+def _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS: tl.constexpr):
+    """(per-token loss, d loss / d logp) in float32; the twin of `apa_fast.kinds.LossKind.epilogue`."""
+    if LOSS == _LOGPROB:
+        loss = logp
+        dlogp = tl.full((), 1.0, tl.float32)
+    elif LOSS == _APA:
+        # param0 = 1 / lam.  r = logp - log pi_init - A / lam;  loss = r^2.
+        residual = logp - tl.load(aux_ptr + row) - tl.load(adv_ptr + row) * param0
+        loss = residual * residual
+        dlogp = 2.0 * residual
+    elif LOSS == _PPO:
+        # param0 = clip epsilon. aux = log-prob under the sampling policy.
+        adv = tl.load(adv_ptr + row)
+        ratio = tl.exp(logp - tl.load(aux_ptr + row))
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - param0), 1.0 + param0)
+        loss = tl.maximum(unclipped, clipped)
+        # The clipped branch is constant in logp; where both agree the ratio is inside the clip range.
+        dlogp = tl.where(unclipped >= clipped, unclipped, 0.0)
+    else:
+        tl.static_assert(LOSS == _AWR, "LOSS is not a kind of apa_fast.kinds.KINDS with an epilogue here")
+        # param0 = 1 / lam, param1 = the weight cap: loss = -min(exp(A / lam), cap) * logp.
+        weight = tl.minimum(tl.exp(tl.load(adv_ptr + row) * param0), param1)
+        loss = -weight * logp
+        dlogp = -weight
+    return loss, dlogp
+
+
+@triton.jit
+def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
+                 vocab, scale2, param0, param1, LOSS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The row's log-sum-exp, log-prob and loss; stores the four per-row outputs and returns (lse2, dlogp).
+
+    ``lse2`` is the log-sum-exp in base 2 (of ``x * scale2``), ``dlogp`` is 0 where the row does not count.
+    Rows that do not count read nothing.
+    """
+    lse2 = _row_logsumexp2(base, stride_v, tl.where(counted, vocab, 0), vocab, scale2, BLOCK_V)
+    target2 = tl.load(base + tl.where(counted, label, 0) * stride_v, mask=counted, other=0.0).to(tl.float32) * scale2
+    logp = tl.where(counted, (target2 - lse2) * _LN2, 0.0)
+    loss, dlogp = _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS)
+    dlogp = tl.where(counted, dlogp, 0.0)
+    tl.store(logp_ptr + row, logp)
+    tl.store(lse_ptr + row, tl.where(counted, lse2 * _LN2, 0.0))
+    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    tl.store(dlogp_ptr + row, dlogp)
+    return lse2, dlogp
+
+
+@triton.jit
+def _grad_block(x, cols, label, lse2, scale2, coef):
+    """``coef * (onehot(label) - softmax)`` of a block; ``x`` is -inf where not read (softmax 0)."""
+    softmax = tl.exp2(x.to(tl.float32) * scale2 - lse2)
+    return coef * (tl.where(cols == label, 1.0, 0.0) - softmax)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels.
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _logprob_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, stride_v, inner_size,
@@ -59,52 +172,41 @@ def _logprob_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
     label = tl.load(labels_ptr + row)
+    _row_forward(base, stride_v, row, label, label >= 0, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
+                 vocab, inv_temperature * _LOG2E, param0, param1, LOSS, BLOCK_V)
+
+
+@triton.jit
+def _logprob_fwd_grad_kernel(
+    logits_ptr, stride_outer, stride_inner, stride_v, inner_size,
+    grad_ptr, grad_stride_outer, grad_stride_inner, grad_stride_v,
+    labels_ptr, aux_ptr, adv_ptr, row_scale_ptr,
+    logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
+    vocab, inv_temperature, param0, param1,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
+    label = tl.load(labels_ptr + row)
     counted = label >= 0
+    scale2 = inv_temperature * _LOG2E
+    lse2, dlogp = _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr,
+                               dlogp_ptr, vocab, scale2, param0, param1, LOSS, BLOCK_V)
 
-    # Online log-sum-exp over the row; rows that do not count skip the loop and read nothing.
-    running_max = tl.full((), float("-inf"), tl.float32)
-    running_sum = tl.zeros((), tl.float32)
-    if counted:
-        for start in range(0, vocab, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(base + cols * stride_v, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-            x = x * inv_temperature
-            new_max = tl.maximum(running_max, tl.max(x, axis=0))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-            running_max = new_max
-    lse = running_max + tl.log(tl.where(counted, running_sum, 1.0))
-
-    target = tl.load(base + tl.where(counted, label, 0) * stride_v).to(tl.float32) * inv_temperature
-    logp = tl.where(counted, target - lse, 0.0)
-
-    # Loss epilogue: per-token loss and its derivative with respect to logp.
-    if LOSS == LOGPROB:
-        loss = tl.zeros((), tl.float32)
-        dlogp = tl.full((), 1.0, tl.float32)
-    elif LOSS == APA:
-        # param0 = 1 / lam.  r = logp - log pi_init - A / lam;  loss = r^2.
-        residual = logp - tl.load(aux_ptr + row) - tl.load(adv_ptr + row) * param0
-        loss = residual * residual
-        dlogp = 2.0 * residual
-    elif LOSS == PPO:
-        # param0 = clip epsilon. aux = log-prob under the sampling policy.
-        adv = tl.load(adv_ptr + row)
-        ratio = tl.exp(logp - tl.load(aux_ptr + row))
-        unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - param0), 1.0 + param0)
-        loss = tl.maximum(unclipped, clipped)
-        # The clipped branch is constant in logp; where both agree the ratio is inside the clip range.
-        dlogp = tl.where(unclipped >= clipped, unclipped, 0.0)
-    else:
-        # AWR. param0 = 1 / lam, param1 = the weight cap: loss = -min(exp(A / lam), cap) * logp.
-        weight = tl.minimum(tl.exp(tl.load(adv_ptr + row) * param0), param1)
-        loss = -weight * logp
-        dlogp = -weight
-
-    tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
-    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
-    tl.store(dlogp_ptr + row, tl.where(counted, dlogp, 0.0))
+    # Second pass: the row was read a moment ago and is still in L2. Its loads are the last use of each line
+    # and the gradient is not read again by this kernel: both are marked evict-first so that they do not
+    # push out the rows other programs are about to re-read.
+    coef = tl.load(row_scale_ptr) * dlogp * inv_temperature  # 0 for rows that do not count
+    lse2 = tl.where(counted, lse2, 0.0)  # rows that do not count: x = -inf everywhere, softmax exp2(-inf) = 0
+    read_to = tl.where(counted, vocab, 0)
+    grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        x = tl.load(base + (start + cols) * stride_v, mask=start + cols < read_to, other=float("-inf"),
+                    eviction_policy="evict_first")
+        grad = _grad_block(x, start + cols, label, lse2, scale2, coef)
+        tl.store(grad_base + (start + cols) * grad_stride_v, grad.to(grad_ptr.dtype.element_ty),
+                 mask=start + cols < vocab, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -121,86 +223,138 @@ def _logprob_bwd_kernel(
 
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
     # Rows that do not count read nothing: x = -inf gives softmax 0 and, with row_grad 0, exact zeros.
-    readable = cols < tl.where(label >= 0, vocab, 0)
-    x = tl.load(base + cols * stride_v, mask=readable, other=float("-inf")).to(tl.float32)
-    softmax = tl.exp(x * inv_temperature - tl.load(lse_ptr + row))
-    scale = tl.load(row_grad_ptr + row) * inv_temperature
-    grad = scale * (tl.where(cols == label, 1.0, 0.0) - softmax)
-
+    x = tl.load(base + cols * stride_v, mask=cols < tl.where(label >= 0, vocab, 0), other=float("-inf"))
+    scale2 = inv_temperature * _LOG2E
+    grad = _grad_block(x, cols, label, tl.load(lse_ptr + row) * _LOG2E, scale2,
+                       tl.load(row_grad_ptr + row) * inv_temperature)
     grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
     tl.store(grad_base + cols * grad_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launchers. Each pass has a `_*_launch` that returns (kernel, grid, args, meta) and a public launcher
+# that runs it; `aot_variants` compiles the very same argument lists ahead of time.
+# ----------------------------------------------------------------------------------------------------
 def _layout(rows3d: torch.Tensor) -> tuple[int, int, int, int]:
     """(stride_outer, stride_inner, stride_v, inner_size) of an ``(outer, inner, V)`` view."""
     return rows3d.stride(0), rows3d.stride(1), rows3d.stride(2), rows3d.shape[1]
 
 
-def forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
-    """Launch the forward on ``rows3d (outer, inner, V)``.
-
-    ``labels``: int32 ``(outer * inner,)``, negative where the row does not count; ``aux``, ``adv``:
-    float32 ``(rows,)`` (ignored by the epilogues that do not use them). Returns float32 ``(rows,)``
-    tensors ``(logp, lse, loss, dlogp)``.
-    """
-    rows = labels.numel()
-    logp, lse, loss, dlogp = torch.empty((4, rows), dtype=torch.float32, device=rows3d.device)
-    if rows == 0:
-        return logp, lse, loss, dlogp
+def _forward_launch(rows3d, labels, aux, adv, outputs, *, loss_kind, inv_temperature, param0, param1):
     vocab = rows3d.shape[-1]
     block, num_warps = block_config(vocab)
-    _logprob_fwd_kernel[(rows,)](
-        rows3d, *_layout(rows3d),
-        labels, aux, adv,
-        logp, lse, loss, dlogp,
-        vocab, inv_temperature, param0, param1,
-        LOSS=loss_kind, BLOCK_V=block, num_warps=num_warps,
-    )
-    return logp, lse, loss, dlogp
+    args = (rows3d, *_layout(rows3d), labels, aux, adv, *outputs, vocab, inv_temperature, param0, param1)
+    return _logprob_fwd_kernel, (labels.numel(),), args, {"LOSS": loss_kind, "BLOCK_V": block,
+                                                          "num_warps": num_warps}
+
+
+def _forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, *, loss_kind, inv_temperature, param0,
+                         param1):
+    vocab = rows3d.shape[-1]
+    block, num_warps = grad_block_config(vocab)
+    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale, *outputs, vocab,
+            inv_temperature, param0, param1)
+    return _logprob_fwd_grad_kernel, (labels.numel(),), args, {"LOSS": loss_kind, "BLOCK_V": block,
+                                                               "num_warps": num_warps}
+
+
+def _backward_launch(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
+    vocab = rows3d.shape[-1]
+    block, num_warps = block_config(vocab)
+    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, lse, row_grad, vocab, inv_temperature)
+    return _logprob_bwd_kernel, (labels.numel(), triton.cdiv(vocab, block)), args, {"BLOCK_V": block,
+                                                                                   "num_warps": num_warps}
+
+
+def _run(launch) -> None:
+    kernel, grid, args, meta = launch
+    kernel[grid](*args, **meta)
+
+
+def forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
+    """Launch the forward on ``rows3d (outer, inner, V)`` (float32, bfloat16 or float16, any strides).
+
+    ``labels``: int32 ``(outer * inner,)``, negative where the row does not count; ``aux``, ``adv``:
+    float32 ``(rows,)`` (may be empty for the kinds that do not read them); ``loss_kind``: a
+    `apa_fast.kinds.LossKind` id; ``inv_temperature`` in [1e-6, 1e6]. Returns float32 ``(rows,)`` tensors
+    ``(logp, lse, loss, dlogp)``, all 0 where the row does not count (for LOGPROB, ``loss`` is ``logp``).
+    """
+    rows = labels.numel()
+    outputs = torch.empty((4, rows), dtype=torch.float32, device=rows3d.device)
+    if rows:
+        _run(_forward_launch(rows3d, labels, aux, adv, outputs, loss_kind=loss_kind, inv_temperature=inv_temperature,
+                             param0=param0, param1=param1))
+    return tuple(outputs)
+
+
+def forward_grad(rows3d, labels, aux, adv, out3d, row_scale, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
+    """The forward and the gradient in one kernel (training mode); same outputs as `forward`.
+
+    Also writes ``out3d[r] = row_scale * dlogp[r] * (onehot(labels[r]) - softmax(rows3d[r] / T)) / T`` in
+    ``out3d``'s dtype: the gradient of ``row_scale * sum(loss)`` with respect to the logits. ``out3d``:
+    ``(outer, inner, V)`` like ``rows3d``, same dtype, any strides; it may be ``rows3d`` itself (in place).
+    ``row_scale``: float32 tensor of one element on the same device (e.g. ``1 / count`` for a mean, computed
+    on the device: no host sync). Rows that do not count read nothing and get exact zero gradient rows.
+    """
+    rows = labels.numel()
+    outputs = torch.empty((4, rows), dtype=torch.float32, device=rows3d.device)
+    if rows:
+        _run(_forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, loss_kind=loss_kind,
+                                  inv_temperature=inv_temperature, param0=param0, param1=param1))
+    return tuple(outputs)
 
 
 def backward(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
     """Write ``dlogits`` for ``rows3d`` into ``out3d`` (same shape; may be ``rows3d`` itself).
 
     ``row_grad``: float32 ``(rows,)``, the upstream gradient times ``d loss / d logp`` (0 where the row
-    does not count).
+    does not count); ``lse``: the forward's. Returns ``out3d``.
     """
-    rows = labels.numel()
-    if rows == 0:
-        return out3d
-    vocab = rows3d.shape[-1]
-    block, num_warps = block_config(vocab)
-    _logprob_bwd_kernel[(rows, triton.cdiv(vocab, block))](
-        rows3d, *_layout(rows3d),
-        out3d, *_layout(out3d)[:3],
-        labels, lse, row_grad,
-        vocab, inv_temperature,
-        BLOCK_V=block, num_warps=num_warps,
-    )
+    if labels.numel():
+        _run(_backward_launch(rows3d, labels, lse, row_grad, out3d, inv_temperature=inv_temperature))
     return out3d
 
 
-def aot_variants():
-    """Every (kernel, signature, constexprs, num_warps, label) the launchers can produce, for AOT checks.
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time variants: what the launchers run for the shapes users have.
+# ----------------------------------------------------------------------------------------------------
+AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Aligned (V % 16 == 0: GPT-J / Pythia), unaligned (GPT-2's 50,257), and a small one-block vocabulary.
+AOT_VOCABS = (50400, 50257, 1024)
 
-    The signature mirrors what the launchers pass: 64-bit row strides (the runtime specialises small ones to
-    32 bits, a subset), a unit vocabulary stride (the common case, which Triton specialises to a constant).
+
+def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS):
+    """Every launch the launchers make for ``vocabs`` x ``dtypes`` x ``kinds``, as they make it.
+
+    Yields dicts with ``kernel`` (the JIT function), ``pass`` ("forward", "forward_grad", "backward"),
+    ``kind`` (a `LossKind` name; None for the backward), ``dtype``, ``vocab``, ``args`` and ``meta`` (the
+    launch's positional arguments and keywords). The arguments are meta-device tensors laid out as a
+    causal LM passes them (``logits[:, :-1]`` of a contiguous ``(8, 512, V)`` buffer; the gradient a fresh
+    contiguous buffer), so Triton's runtime specialisation (16-byte aligned pointers, integers divisible by
+    16, unit strides) applied to them is the one a real call gets.
     """
-    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-    strides = {"stride_outer": "i64", "stride_inner": "i64", "inner_size": "i32"}
-    for vocab in (3, 1003, 50400):
-        block, num_warps = block_config(vocab)
-        for dtype, ptr in pointer.items():
-            for loss in (LOGPROB, APA, PPO, AWR):
-                signature = {"logits_ptr": ptr, **strides, "labels_ptr": "*i32", "aux_ptr": "*fp32",
-                             "adv_ptr": "*fp32", "logp_ptr": "*fp32", "lse_ptr": "*fp32", "loss_ptr": "*fp32",
-                             "dlogp_ptr": "*fp32", "vocab": "i32", "inv_temperature": "fp32", "param0": "fp32",
-                             "param1": "fp32"}
-                constexprs = {"stride_v": 1, "LOSS": loss.value, "BLOCK_V": block}
-                yield (_logprob_fwd_kernel, signature, constexprs, num_warps,
-                       f"{EPILOGUE_NAMES[loss.value]} {str(dtype)[6:]} BLOCK_V={block}")
-            signature = {"logits_ptr": ptr, **strides, "grad_ptr": ptr, "grad_stride_outer": "i64",
-                         "grad_stride_inner": "i64", "labels_ptr": "*i32", "lse_ptr": "*fp32",
-                         "row_grad_ptr": "*fp32", "vocab": "i32", "inv_temperature": "fp32"}
-            constexprs = {"stride_v": 1, "grad_stride_v": 1, "BLOCK_V": block}
-            yield (_logprob_bwd_kernel, signature, constexprs, num_warps, f"{str(dtype)[6:]} BLOCK_V={block}")
+    for vocab in vocabs:
+        for dtype in dtypes:
+            logits = torch.empty((8, 512, vocab), dtype=dtype, device="meta")[:, :-1]
+            rows = logits.shape[0] * logits.shape[1]
+            out3d = torch.empty(logits.shape, dtype=dtype, device="meta")
+            labels = torch.empty(rows, dtype=torch.int32, device="meta")
+            floats = torch.empty((4, rows), dtype=torch.float32, device="meta")
+            row_scale = torch.empty((), dtype=torch.float32, device="meta")
+            common = {"dtype": str(dtype).removeprefix("torch."), "vocab": vocab}
+            for kind in kinds:
+                aux = floats[2] if kind.aux else floats[0][:0]
+                adv = floats[3] if kind.reads_advantages else floats[0][:0]
+                params = {"loss_kind": kind.id, "inv_temperature": 1.0, "param0": 0.5, "param1": 2.0}
+                launch = _forward_launch(logits, labels, aux, adv, tuple(floats), **params)
+                yield _variant("forward", kind.name, launch, **common)
+                launch = _forward_grad_launch(logits, labels, aux, adv, out3d, row_scale, tuple(floats), **params)
+                yield _variant("forward_grad", kind.name, launch, **common)
+            launch = _backward_launch(logits, labels, floats[1], floats[3], out3d, inv_temperature=1.0)
+            yield _variant("backward", None, launch, **common)
+
+
+def _variant(pass_name, kind, launch, *, dtype, vocab):
+    kernel, _, args, meta = launch
+    return {"kernel": kernel, "pass": pass_name, "kind": kind, "dtype": dtype, "vocab": vocab, "args": args,
+            "meta": meta}

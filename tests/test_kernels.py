@@ -1,0 +1,211 @@
+"""The Triton launchers of `apa_fast.kernels.logprob`, called directly, against a float64 reference.
+
+Runs under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): shapes stay small and the block
+caps are lowered so that small vocabularies still span several blocks, end in a partial block, or fit one.
+Every pass ("forward", "forward_grad", "backward") of every kind of `apa_fast.kinds.KINDS` is checked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from apa_fast.kernels import logprob as K
+from conftest import assert_close_rel
+
+from apa_fast.kinds import KINDS, LOGPROB
+
+HYPER = {"lam": 0.5, "clip_eps": 0.2, "max_weight": 5.0}
+# Relative L2 tolerances: values are float32-accurate whatever the input dtype; gradients are stored in the
+# logits' dtype (the interpreter truncates bf16/fp16 stores where a GPU rounds: up to one unit in the last place).
+VALUE_TOL = 2e-5
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 64 columns (both kernels): a vocabulary of a few hundred spans several blocks."""
+    monkeypatch.setattr(K, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(K, "MAX_GRAD_BLOCK_V", 64)
+
+
+def _params(kind):
+    return kind.kernel_params(**{name: HYPER[name] for name in kind.hyper})
+
+
+def _token_data(kind, rows, device="cpu"):
+    """Labels are set by the caller; aux/adv as the host passes them (empty when the kind reads none)."""
+    aux = -3.0 - 2.0 * torch.rand(rows)
+    adv = torch.randn(rows)
+    empty = torch.empty(0)
+    return aux, adv, (aux if kind.aux else empty), (adv if kind.reads_advantages else empty)
+
+
+def _reference(rows3d, labels, aux, adv, kind, inv_temperature, row_scale=1.0):
+    """float64 (logp, lse, loss, dlogp, dlogits (rows, V)) of the kernels' contract; 0 where not counted."""
+    x = rows3d.reshape(-1, rows3d.shape[-1]).double() * inv_temperature
+    counted = labels >= 0
+    safe = torch.where(counted, labels, 0).long()
+    lse = torch.logsumexp(x, -1)
+    logp = x.gather(-1, safe[:, None])[:, 0] - lse
+    loss, dlogp = kind.epilogue(logp, aux.double(), adv.double(), *_params(kind))
+    zero = torch.zeros((), dtype=torch.float64)
+    logp, lse, loss, dlogp = (torch.where(counted, t, zero) for t in (logp, lse, loss, dlogp))
+    onehot = torch.nn.functional.one_hot(safe, x.shape[-1]).double()
+    softmax = torch.exp(x - torch.where(counted, lse, zero)[:, None])
+    grad = (row_scale * dlogp * inv_temperature)[:, None] * (onehot - softmax)
+    grad = torch.where(counted[:, None], grad, zero)
+    return logp, lse, loss, dlogp, grad
+
+
+def _check_all_passes(rows3d, labels, kind, *, inv_temperature=1.0, out3d=None, tol_scale=1.0):
+    """Run forward, backward and forward_grad on ``rows3d`` and compare each with the float64 reference."""
+    rows = labels.numel()
+    aux, adv, aux_k, adv_k = _token_data(kind, rows)
+    row_scale = 1.0 / max(int((labels >= 0).sum()), 1)
+    expected = _reference(rows3d, labels, aux, adv, kind, inv_temperature, row_scale)
+    grad_tol = GRAD_TOL[rows3d.dtype] * tol_scale
+    pristine = rows3d.clone()
+    params = dict(zip(("param0", "param1"), _params(kind), strict=True))
+
+    outputs = K.forward(rows3d, labels, aux_k, adv_k, loss_kind=kind.id, inv_temperature=inv_temperature, **params)
+    for name, actual, want in zip(("logp", "lse", "loss", "dlogp"), outputs, expected, strict=False):
+        assert actual.dtype == torch.float32
+        assert_close_rel(actual, want, VALUE_TOL * tol_scale, f"forward {name} ({kind.name})")
+
+    row_grad = outputs[3] * row_scale
+    back = torch.empty_like(rows3d)
+    K.backward(rows3d, labels, outputs[1], row_grad, back, inv_temperature=inv_temperature)
+    assert_close_rel(back.reshape(rows, -1), expected[4], grad_tol, f"backward dlogits ({kind.name})")
+
+    out3d = torch.empty_like(rows3d) if out3d is None else out3d
+    fused = K.forward_grad(rows3d, labels, aux_k, adv_k, out3d, torch.tensor(row_scale, dtype=torch.float32),
+                           loss_kind=kind.id, inv_temperature=inv_temperature, **params)
+    for name, actual, want in zip(("logp", "lse", "loss", "dlogp"), fused, expected, strict=False):
+        assert_close_rel(actual, want, VALUE_TOL * tol_scale, f"forward_grad {name} ({kind.name})")
+    assert_close_rel(out3d.reshape(rows, -1), expected[4], grad_tol, f"forward_grad dlogits ({kind.name})")
+    not_counted = (labels < 0).nonzero()[:, 0]
+    assert torch.equal(out3d.reshape(rows, -1)[not_counted], torch.zeros_like(out3d.reshape(rows, -1)[not_counted]))
+    if out3d.data_ptr() != rows3d.data_ptr():
+        same = (rows3d == pristine) | (rows3d.isnan() & pristine.isnan())
+        assert same.all(), "the logits must not be written"
+    return outputs, fused, out3d
+
+
+def _labels(rows, vocab, not_counted=()):
+    labels = torch.randint(0, vocab, (rows,), dtype=torch.int32)
+    labels[list(not_counted)] = -1
+    return labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
+def test_every_kind_and_dtype_against_float64(kind, dtype):
+    """(2, 3) rows x 150 columns: three blocks, the last one partial; one row does not count."""
+    rows3d = (torch.randn(2, 3, 150) * 3).to(dtype)
+    _check_all_passes(rows3d, _labels(6, 150, not_counted=[4]), kind)
+
+
+def test_logprob_kind_stores_logp_as_its_loss():
+    rows3d = torch.randn(1, 3, 70)
+    logp, _, loss, dlogp = K.forward(rows3d, _labels(3, 70, [1]), torch.empty(0), torch.empty(0),
+                                     loss_kind=LOGPROB.id, inv_temperature=1.0)
+    assert torch.equal(loss, logp) and torch.equal(dlogp, torch.tensor([1.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 64, 65, 129, 200])
+def test_vocab_sizes_one_block_partial_and_several(vocab):
+    """One column, less than a block, exactly a block, one past, several blocks; a single row too."""
+    kind = KINDS[1]
+    _check_all_passes(torch.randn(1, 1, vocab) * 2, _labels(1, vocab), kind)
+    _check_all_passes(torch.randn(1, 3, vocab) * 2, _labels(3, vocab, [0]), kind)
+
+
+def test_rows_that_do_not_count_read_nothing():
+    """NaN logits in rows that do not count: their outputs and gradient rows are exact zeros."""
+    rows3d = torch.randn(1, 4, 100)
+    rows3d[0, 1] = float("nan")
+    rows3d[0, 3, :7] = float("inf")
+    labels = _labels(4, 100, [1, 3])
+    for kind in KINDS:
+        outputs, fused, out3d = _check_all_passes(rows3d, labels, kind)
+        for values in (*outputs, *fused):
+            assert torch.equal(values[[1, 3]], torch.zeros(2))
+        labels_none = torch.full((4,), -1, dtype=torch.int32)
+        K.forward_grad(rows3d, labels_none, *_token_data(kind, 4)[2:], out3d, torch.tensor(1.0),
+                       loss_kind=kind.id, inv_temperature=1.0)
+        assert torch.equal(out3d, torch.zeros_like(out3d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_layouts_and_strided_gradient(dtype):
+    """``logits[:, :-1]`` of (B, T, V); a transposed (T, B) view; a vocabulary stride of 2; strided out3d."""
+    kind = KINDS[2]
+    full = (torch.randn(3, 4, 90) * 2).to(dtype)
+    sliced = full[:, :-1]  # outer stride 4 * 90, inner stride 90: not mergeable
+    _check_all_passes(sliced, _labels(9, 90, [2]), kind)
+    transposed = full.transpose(0, 1)  # (4, 3, 90): inner stride > outer stride
+    _check_all_passes(transposed, _labels(12, 90, [0, 5]), kind)
+    every_other = full[..., ::2]  # stride_v = 2
+    out3d = torch.zeros(3, 4, 45 * 3, dtype=dtype)[..., 1::3]  # a strided gradient buffer
+    _check_all_passes(every_other, _labels(12, 45), kind, out3d=out3d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_forward_grad_in_place(dtype):
+    """out3d = rows3d: the gradient overwrites the logits it was computed from, row by row."""
+    for kind in KINDS:
+        rows3d = (torch.randn(2, 2, 130) * 2).to(dtype)
+        labels = _labels(4, 130, [3])
+        aux, adv, aux_k, adv_k = _token_data(kind, 4)
+        expected = _reference(rows3d, labels, aux, adv, kind, 0.7, 0.25)
+        params = dict(zip(("param0", "param1"), _params(kind), strict=True))
+        fused = K.forward_grad(rows3d, labels, aux_k, adv_k, rows3d, torch.tensor(0.25), loss_kind=kind.id,
+                               inv_temperature=0.7, **params)
+        assert_close_rel(fused[2], expected[2], VALUE_TOL, f"in-place loss ({kind.name})")
+        assert_close_rel(rows3d.reshape(4, -1), expected[4], GRAD_TOL[dtype], f"in-place dlogits ({kind.name})")
+
+
+def test_issue13_leading_block_of_minus_inf(monkeypatch):
+    """The issue's reproducer at the real block size: 5000 columns, the first 4096 (one block) are -inf."""
+    monkeypatch.setattr(K, "MAX_BLOCK_V", 4096)
+    monkeypatch.setattr(K, "MAX_GRAD_BLOCK_V", 4096)
+    x = torch.randn(1, 1, 5000)
+    x[..., :4096] = float("-inf")
+    _check_all_passes(x, torch.tensor([4500], dtype=torch.int32), LOGPROB)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_minus_inf_blocks_lanes_and_labels(dtype):
+    """-inf over whole blocks, over one lane of every block, every other column, and at the label."""
+    vocab = 200  # blocks of 64: 0-63, 64-127, 128-191, 192-199 (partial)
+    x = (torch.randn(1, 6, vocab) * 2).to(dtype)
+    x[0, 0, :128] = float("-inf")  # two leading blocks
+    x[0, 1, 5::64] = float("-inf")  # lane 5 of every block
+    x[0, 2, ::2] = float("-inf")  # every other column
+    x[0, 3, 64:] = float("-inf")  # everything after the first block, the partial block too
+    x[0, 4, :199] = float("-inf")  # a single finite column, in the partial block
+    labels = torch.tensor([150, 64, 7, 3, 199, 10], dtype=torch.int32)
+    for kind in KINDS:
+        _check_all_passes(x, labels, kind)
+    # The label itself masked: logp is -inf, exactly as the torch backend (and float64) give it.
+    x[0, 5, 10] = float("-inf")
+    logp, lse, _, _ = K.forward(x, labels, torch.empty(0), torch.empty(0), loss_kind=LOGPROB.id,
+                                inv_temperature=1.0)
+    assert logp[5] == float("-inf") and torch.isfinite(lse).all()
+    assert torch.isfinite(logp[:5]).all()
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-3, 1e3, 1e6])
+def test_extreme_temperatures_stay_finite(temperature):
+    """The host accepts T in [1e-6, 1e6]: partial blocks (padded lanes) and -inf columns at both ends."""
+    x = torch.randn(1, 3, 100) * 2
+    x[0, 1, :64] = float("-inf")
+    labels = _labels(3, 100, [2])
+    labels[1] = 80
+    # float32 resolves exp(x / T - lse) only to about eps32 * |x / T| relative (torch's float32 path as well).
+    conditioning = max(1.0, x[x.isfinite()].abs().max().item() / temperature / 100)
+    for kind in KINDS:
+        outputs, fused, grad = _check_all_passes(x, labels, kind, inv_temperature=1.0 / temperature,
+                                                 tol_scale=conditioning)
+        assert all(torch.isfinite(t).all() for t in (*outputs, *fused, grad))
+
