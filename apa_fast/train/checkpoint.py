@@ -15,9 +15,11 @@ The learning-rate schedule is a function of the step, so the step is the schedul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,9 +67,30 @@ def save_state(obj: Any, path: Path) -> None:
 
 def load_state(path: Path) -> Any:
     """The nest `save_state` wrote, tensors on the CPU."""
-    with safe_open(str(path), framework="pt") as handle:
-        skeleton = json.loads(handle.metadata()["skeleton"])
-    return _unpack(skeleton, load_file(str(path)))
+    with _naming(path):
+        with safe_open(str(path), framework="pt") as handle:
+            skeleton = json.loads(handle.metadata()["skeleton"])
+        return _unpack(skeleton, load_file(str(path)))
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint that cannot be used as asked; the message names the file."""
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Re-raise any error reading ``path`` (missing, truncated, not safetensors, bad JSON) as one naming it.
+
+    Every failure is caught on purpose: safetensors raises its own error type, JSON and the skeleton others,
+    and the user needs the file's name whichever it is.
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint file ({reason})") from exc
 
 
 # --- what each part of a checkpoint holds ---
@@ -108,8 +131,8 @@ def optimizer_state(engine) -> dict:
 def set_optimizer_state(engine, state: dict) -> None:
     base, masters = _base_optimizer(engine), _masters(engine)
     if [p.shape for p in masters] != [saved.shape for saved in state["masters"]]:
-        raise RuntimeError("the checkpoint's optimizer partitions do not match this run's (same ZeRO stage, "
-                           "world size and trainable layers are needed to resume)")
+        raise CheckpointError("the checkpoint's optimizer partitions do not match this run's (same ZeRO stage, "
+                              "world size and trainable layers are needed to resume)")
     with torch.no_grad():
         for param, saved, moments in zip(masters, state["masters"], state["moments"], strict=True):
             param.copy_(saved)
@@ -165,60 +188,159 @@ def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, data_posi
     _barrier()
 
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step, from before a resume
         os.replace(tmp, final)
         pointer = root / ".latest.tmp"
         pointer.write_text(name + "\n")
         os.replace(pointer, root / "latest")
-        kept = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in kept[: max(len(kept) - cfg.keep_checkpoints, 0)]:
-            shutil.rmtree(old)
+        prune(root, step, cfg.keep_checkpoints)
     _barrier()
     return final
 
 
+STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a ``step_NNNNNN`` directory name, None for any other name."""
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match[1]) if match else None
+
+
+def prune(root: Path, step: int, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``step`` (the one just written is always among them).
+
+    Only steps before ``step`` are candidates: a later step left by a run that crashed before pointing
+    ``latest`` at it is not older, and is replaced when the resumed run reaches it. Leftover ``.tmp-step_*``
+    directories (crashes while saving) were never complete and go too.
+    """
+    for leftover in root.glob(".tmp-step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    older = sorted((p for p in root.iterdir() if p.is_dir() and (s := step_of(p)) is not None and s < step),
+                   key=step_of)
+    for old in older[: max(len(older) - (keep - 1), 0)]:
+        shutil.rmtree(old)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds every file of a checkpoint and a readable trainer_state.json (nothing is loaded)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        ranks = range(int(state["world_size"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    needed = ["policy/config.json", "critic.safetensors", *(f"{kind}_rank{r}.safetensors" for r in ranks
+                                                              for kind in ("optim", "rng"))]
+    return (step_of(path) is not None and any((path / "policy").glob("*.safetensors"))
+            and all((path / name).is_file() for name in needed))
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if step_of(p) is not None and is_complete(p)), key=step_of)
+
+
+def has_checkpoint_state(run_dir: str | Path) -> bool:
+    """Whether the run directory holds a ``latest`` pointer or any ``step_*`` directory, complete or not."""
+    root = checkpoints_dir(run_dir)
+    return root.is_dir() and any(p.name == "latest" or step_of(p) is not None for p in root.iterdir())
+
+
+def resume_point(run_dir: str | Path) -> tuple[Path | None, str | None]:
+    """``(checkpoint, note)``: where a resumed run continues, and a note when ``latest`` could not be used.
+
+    ``latest`` decides when it names a complete checkpoint. When it is missing, unreadable or dangling, the
+    newest complete ``step_*`` checkpoint is used instead (the note says so). When the run directory holds
+    checkpoint files but no complete checkpoint, this raises: nothing is deleted, --overwrite starts again.
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = root / "latest"
+    named = None
+    if pointer.is_file():
+        try:
+            named = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = "<unreadable>"
+        if STEP_DIR.fullmatch(named) and is_complete(root / named):
+            return root / named, None
+    complete = complete_checkpoints(run_dir)
+    problem = f"{pointer} names {named!r}, which is not a complete checkpoint" if named else f"{pointer} is missing"
+    if complete:
+        return complete[-1], f"{problem}: resuming from the newest complete checkpoint, {complete[-1].name}"
+    if has_checkpoint_state(run_dir):
+        raise CheckpointError(f"{problem} and no complete checkpoint is left in {root}: nothing was changed; "
+                              "pass --overwrite to start the run again")
+    return None, None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` points at, or None when the run has none."""
-    pointer = checkpoints_dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    if not (path / "trainer_state.json").is_file():
-        raise RuntimeError(f"{pointer} points at {path}, which is not a complete checkpoint")
-    return path
+    """The checkpoint a resumed run continues from (see `resume_point`), or None when the run has none."""
+    return resume_point(run_dir)[0]
 
 
 def read_trainer_state(path: Path) -> dict:
-    return json.loads((path / "trainer_state.json").read_text())
+    with _naming(path / "trainer_state.json"):
+        return json.loads((path / "trainer_state.json").read_text())
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load the checkpoint's policy and critic weights into an `ActorCritic` (before DeepSpeed wraps it)."""
     state = {}
     for shard in sorted((path / "policy").glob("*.safetensors")):
-        state.update({f"policy.{k}": v for k, v in load_file(str(shard)).items()})
-    state.update(load_file(str(path / "critic.safetensors")))
+        with _naming(shard):
+            state.update({f"policy.{k}": v for k, v in load_file(str(shard)).items()})
+    with _naming(path / "critic.safetensors"):
+        state.update(load_file(str(path / "critic.safetensors")))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained drops the copies of tied weights (an lm_head tied to the embeddings): those may be missing.
     loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
     really_missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
     if really_missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model: missing {really_missing}, "
+        raise CheckpointError(f"{path}: checkpoint does not match the model: missing {really_missing}, "
                            f"unexpected {unexpected}")
 
 
 def load_training_state(engine, path: Path, rank: int) -> None:
     """Restore this rank's optimizer (moments and fp32 masters) and RNG states after DeepSpeed wrapped the model."""
-    set_optimizer_state(engine, load_state(path / f"optim_rank{rank}.safetensors"))
+    optim_file = path / f"optim_rank{rank}.safetensors"
+    state = load_state(optim_file)
+    try:
+        set_optimizer_state(engine, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{optim_file}: {exc}") from None
     set_rng_state(load_state(path / f"rng_rank{rank}.safetensors"))
 
 
-def truncate_metrics(metrics_path: Path, last_step: int) -> None:
-    """Drop metric lines of steps after ``last_step`` (run after a crash, redone on resume)."""
+def truncate_metrics(metrics_path: Path, last_step: int) -> str | None:
+    """Keep the metric lines of steps up to ``last_step`` (0: none); returns a note when a torn line was dropped.
+
+    Lines after ``last_step`` are from steps run after the last checkpoint, redone on resume. A last line
+    that is not a complete JSON object is what a power loss or a full disk leaves: it is dropped. A bad line
+    anywhere else is not a torn write, and raises naming the file and the line (nothing is changed).
+    """
     if not metrics_path.is_file():
-        return
-    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        return None
+    lines = metrics_path.read_text(errors="replace").splitlines() if last_step > 0 else []
+    kept, note = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+            if not isinstance(step, int):
+                raise TypeError(f"step {step!r} is not an integer")
+        except (ValueError, TypeError, KeyError) as exc:
+            if number < len(lines):
+                raise CheckpointError(f"{metrics_path}: line {number} is not a metrics record ({exc}); only a "
+                                      "torn last line is dropped on resume") from exc
+            note = f"{metrics_path}: dropped a torn last line (line {number}, {len(line)} characters)"
+            break
+        if step <= last_step:
+            kept.append(line)
     tmp = metrics_path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, metrics_path)
+    return note

@@ -6,7 +6,10 @@ minutes); `configs/gptj-6b-hh.yaml` overrides them with the paper's GPT-J-6B HH 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from typing import Any
 import yaml
 
 ALGOS = ("apa", "ppo", "awr")
+LOSS_BACKENDS = ("auto", "triton", "torch")
 BUNDLED_PROMPTS = str(Path(__file__).parent / "data" / "hh_tiny.jsonl")
 
 
@@ -55,6 +59,9 @@ class TrainConfig:
     awr_max_weight: float = 20.0
     ppo_clip_eps: float = 0.2
     ppo_kl_coef: float = 0.05  # PPO only: per-token penalty -coef * (logp - logp_init) in the reward
+    ppo_adaptive_kl: bool = False  # PPO: adapt the coefficient (from ppo_kl_coef) towards ppo_kl_target
+    ppo_kl_target: float = 6.0  # nats per sequence, the target of the adaptive controller (Ziegler et al. 2019)
+    ppo_kl_horizon: int = 10000  # samples over which the adaptive controller closes the gap to the target
     gamma: float = 1.0
     gae_lambda: float = 0.95
     whiten_advantages: bool = True  # over the valid tokens of the whole rollout (all processes)
@@ -81,18 +88,24 @@ class TrainConfig:
     output_dir: str = "runs/tiny"
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        """Every field checked for type and range before anything runs: a bad value fails here, naming it."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        for name, (ok, expected) in _RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"config field {name!r} must be {expected}, got {getattr(self, name)!r}", name)
         if self.rollout_batch_size % self.minibatch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                f"minibatch_size ({self.minibatch_size})"
+                f"minibatch_size ({self.minibatch_size})", "rollout_batch_size"
             )
+        if self.tiny_width % (2 * self.tiny_heads):
+            raise ConfigError(f"tiny_width ({self.tiny_width}) must be a multiple of 2 * tiny_heads "
+                              f"({self.tiny_heads}): GPT-J rotates pairs of each head's dimensions", "tiny_width")
         if self.fused_lm_head and self.algo != "apa":
-            raise ValueError(f"fused_lm_head (apa_fast.linear_loss) serves algo 'apa'; the {self.algo} baseline "
-                             "takes the logits path: set fused_lm_head false")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise ConfigError(f"fused_lm_head (apa_fast.linear_loss) serves algo 'apa'; the {self.algo} baseline "
+                              "takes the logits path: set fused_lm_head false", "fused_lm_head")
 
     @property
     def logprob_temperature(self) -> float:
@@ -100,19 +113,77 @@ class TrainConfig:
         return self.temperature if self.temperature > 0 else 1.0
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """``value`` checked against the type of field ``name`` (ints are accepted for floats)."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field (and the file or flag it came from)."""
+
+    def __init__(self, message: str, field_name: str | None = None):
+        super().__init__(message)
+        self.field_name = field_name
+
+
+def _nonempty(value) -> bool:
+    return value is None or callable(value) or value != ""
+
+
+# Range of each field, checked after its type: (predicate, what the message says is expected).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("policy", "tokenizer", "critic", "reward", "dataset", "dataset_split", "deepspeed_config",
+                     "output_dir"), (_nonempty, "a non-empty string")),
+    "num_layers_unfrozen": (lambda v: v >= -1, ">= -1 (-1: every block trainable)"),
+    **dict.fromkeys(("tiny_layers", "tiny_width", "tiny_heads", "max_prompt_tokens", "rollout_batch_size",
+                     "max_new_tokens", "minibatch_size", "ppo_epochs", "max_steps", "save_every",
+                     "keep_checkpoints", "ppo_kl_horizon"), (lambda v: v >= 1, ">= 1")),
+    "tiny_vocab": (lambda v: v >= 257, ">= 257 (the 256 byte tokens and end-of-text)"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "stop": (lambda v: all(s != "" for s in v), "a list of non-empty strings"),
+    "algo": (lambda v: v in ALGOS, f"one of {ALGOS}"),
+    **dict.fromkeys(("apa_lam", "awr_lam", "awr_max_weight", "ppo_clip_eps", "ppo_kl_target", "lr",
+                     "max_grad_norm"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("ppo_kl_coef", "weight_decay", "vf_coef", "warmup_steps"), (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    "loss_backend": (lambda v: v in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+}
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """``value`` checked against the type ``hint`` of field ``name``.
+
+    bools are not numbers here (``save_every: true`` is a mistake, not 1); ints are accepted for floats, and so
+    are strings that spell a float, because YAML 1.1 reads ``1e-4`` (no dot) as a string. Floats must be finite.
+    """
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     for kind in typing.get_args(hint) if is_union else (hint,):
         origin = typing.get_origin(kind) or kind
         if value is None and kind is type(None):
             return None
-        if origin is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if origin is not int and isinstance(value, origin) or origin is int and type(value) is int:
+        if origin is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                return number
+        elif origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-    raise ValueError(f"config field {name!r} ({hint}) cannot take {value!r}")
+        elif origin is list and isinstance(value, (list, tuple)):
+            (item_hint,) = typing.get_args(kind)
+            try:
+                return [_coerce(name, item_hint, item) for item in value]
+            except ConfigError:
+                continue
+        elif origin in (str, bool, collections.abc.Callable) and isinstance(value, origin):
+            return value
+    raise ConfigError(f"config field {name!r} must be of type {_type_name(hint)}, got {value!r}", name)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "").replace("NoneType", "None")
 
 
 def _fields() -> dict[str, dataclasses.Field]:
@@ -122,28 +193,66 @@ def _fields() -> dict[str, dataclasses.Field]:
 def make_config(values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a plain dict, type-checked field by field; unknown keys raise naming the valid ones."""
     known = _fields()
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(map(str, set(values) - set(known)))
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}")
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}", unknown[0])
+    return TrainConfig(**values)
 
 
 def load_config(path: str | None, overrides: list[str] = (), **fields: Any) -> TrainConfig:
     """Read the YAML file at ``path`` (None: the tiny default), then ``key=value`` overrides (YAML values),
-    then ``fields`` (typed values from command-line flags)."""
+    then ``fields`` (typed values from command-line flags). Errors name the file or the ``--set`` item."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
-        values.update(loaded)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read the config: {_one_line(exc)}") from exc
+        if not isinstance(loaded, dict | None):
+            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
+        values.update(loaded or {})
+        origin.update(dict.fromkeys(map(str, loaded or {}), path))
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        values[key.strip()] = yaml.safe_load(raw)
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {_one_line(exc)}") from exc
+        origin[key.strip()] = f"--set {item}"
     values.update(fields)
-    return make_config(values)
+    origin.update({name: "--" + name.replace("_", "-") for name in fields})
+    try:
+        return make_config(values)
+    except ConfigError as exc:
+        if exc.field_name not in origin:
+            raise
+        raise ConfigError(f"{origin[exc.field_name]}: {exc}", exc.field_name) from None
+
+
+def _one_line(exc: Exception) -> str:
+    """A file error in one line: the OS reason, or YAML's problem and its line and column."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return " ".join(str(exc).split())
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """The DeepSpeed config file as a dict; a missing or malformed file raises ConfigError naming it."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"deepspeed_config {path}: cannot read it as JSON: {_one_line(exc)}",
+                          "deepspeed_config") from exc
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed_config {path}: expected a JSON object, got {type(ds).__name__}",
+                          "deepspeed_config")
+    return ds
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -18,15 +18,17 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
+    CheckpointError,
     checkpoints_dir,
-    latest_checkpoint,
+    has_checkpoint_state,
     load_training_state,
     load_weights,
     read_trainer_state,
+    resume_point,
     save_checkpoint,
     truncate_metrics,
 )
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, read_deepspeed_json
 from .data import PromptStream, load_prompts, tokenize_prompts
 from .models import build_models, load_tokenizer
 from .rewards import load_reward
@@ -67,8 +69,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed JSON (ZeRO stage, offload) completed with the trainer's batch sizes and optimizer fields."""
-    ds = json.loads(Path(cfg.deepspeed_config).read_text()) if cfg.deepspeed_config else {
-        "zero_optimization": {"stage": 2}}
+    ds = read_deepspeed_json(cfg.deepspeed_config) if cfg.deepspeed_config else {"zero_optimization": {"stage": 2}}
     zero = ds.setdefault("zero_optimization", {})
     offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
@@ -135,31 +136,81 @@ def summary(metrics_path: Path) -> str:
             f"over {len(rows)} steps")
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None: start at step 1); refuses to start over a run unless told to."""
-    existing = latest_checkpoint(out)
+def plotting_available() -> bool:
+    """Whether matplotlib (an optional dependency, for curves.png) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, str | None]:
+    """``(checkpoint, note)``: the checkpoint to resume from (None: start at step 1) and what to tell the user.
+
+    Reads only: nothing is deleted here. A run directory with checkpoints is started over only with
+    ``overwrite``, which reads nothing, so that it works whatever state the directory is in.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory", "output_dir")
+    if overwrite:
+        return None, None
     if resume:
-        return existing
-    if existing is not None and not overwrite:
-        raise FileExistsError(f"{out} already holds a run (checkpoint {existing.name}): pass --resume to "
-                              "continue it, or --overwrite to start again")
-    return None
+        return resume_point(out)
+    if has_checkpoint_state(out):
+        raise FileExistsError(f"{out} already holds a run (checkpoints in {checkpoints_dir(out)}): pass --resume "
+                              "to continue it, or --overwrite to start again")
+    return None, None
+
+
+def start_over(out: Path) -> None:
+    """Delete what a previous run left in ``out`` (asked for with --overwrite): checkpoints and curves."""
+    root = checkpoints_dir(out)
+    if root.is_dir():
+        shutil.rmtree(root)
+    elif root.exists():
+        root.unlink()
+    (out / "curves.png").unlink(missing_ok=True)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> list[dict]:
-    """Run steps until ``cfg.max_steps``; returns the metrics of the steps this call ran."""
+    """Run steps until ``cfg.max_steps``; returns the metrics of the steps this call ran.
+
+    Everything that can be checked before the first step is: the config (at construction), the DeepSpeed
+    file, the run directory and the checkpoint to resume from. A missing matplotlib only skips curves.png.
+    """
     import deepspeed
     from tqdm import tqdm
 
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: continue the run, or start it again")
+    if cfg.deepspeed_config:
+        read_deepspeed_json(cfg.deepspeed_config)
     rank, world_size, device = setup_distributed()
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(cfg, name) % world_size:
-            raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the world size ({world_size})")
+            raise ConfigError(f"{name} ({getattr(cfg, name)}) must be a multiple of the world size ({world_size})",
+                              name)
     out = Path(cfg.output_dir)
-    checkpoint = prepare_output_dir(out, resume, overwrite)
+    checkpoint, note = prepare_output_dir(out, resume, overwrite)
+    state = read_trainer_state(checkpoint) if checkpoint is not None else {"step": 0}
+    if checkpoint is not None and state.get("world_size") != world_size:
+        raise CheckpointError(f"{checkpoint} was written by {state.get('world_size')} processes; resume with as "
+                              f"many (this run has {world_size})")
     torch.distributed.barrier()  # every rank has read `latest` before rank 0 may write a new one
-    if rank == 0 and checkpoint is None:
-        shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    plotting = plotting_available()
+    if rank == 0:
+        if note:
+            print(f"apa-train: {note}")
+        if not plotting:
+            print("apa-train: warning: matplotlib is not installed, curves.png will not be written "
+                  "(pip install 'apa_fast[train]')")
+        if state["step"] >= cfg.max_steps:
+            print(f"apa-train: {out} is already at step {state['step']} (max_steps {cfg.max_steps}): nothing to run")
+    if state["step"] >= cfg.max_steps:
+        return []
+    if rank == 0 and overwrite:
+        start_over(out)
 
     prompts = load_prompts(cfg.dataset, cfg.dataset_split)
     tokenizer = load_tokenizer(cfg, prompts)
@@ -172,14 +223,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses; restored on resume
     random.seed(cfg.seed + rank)
 
-    start_step = 0
+    start_step = state["step"]
     if checkpoint is not None:
-        state = read_trainer_state(checkpoint)
-        if state["world_size"] != world_size:
-            raise RuntimeError(f"{checkpoint} was written by {state['world_size']} processes; resume with as many "
-                               f"(this run has {world_size})")
         load_weights(model, checkpoint)
-        start_step, stream.position = state["step"], state["data_position"]
+        stream.position = state["data_position"]
     engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, world_size, bf16),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     zero_stage = engine.zero_optimization_stage()
@@ -189,7 +236,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, start_step)
+        torn = truncate_metrics(metrics_path, start_step)
+        if torn:
+            print(f"apa-train: {torn}")
         print(f"apa-train: {cfg.algo} on {world_size} x {device.type}, ZeRO-{zero_stage}, "
               f"{'bf16' if bf16 else 'fp32'}, steps {start_step + 1}..{cfg.max_steps} -> {out}")
     history = []
@@ -214,7 +263,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
             save_checkpoint(out, step, engine, tokenizer, stream.position, cfg, rank, world_size, zero_stage)
     bar.close()
     if rank == 0 and metrics_path.is_file():
-        plot_curves(metrics_path, out / "curves.png")
-        print(f"apa-train: {summary(metrics_path)}; this run {time.perf_counter() - started:.1f}s; "
-              f"curves in {out / 'curves.png'}")
+        if plotting:
+            plot_curves(metrics_path, out / "curves.png")
+        print(f"apa-train: {summary(metrics_path)}; this run {time.perf_counter() - started:.1f}s"
+              + (f"; curves in {out / 'curves.png'}" if plotting else ""))
     return history
