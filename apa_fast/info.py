@@ -2,27 +2,22 @@
 
 Without arguments: versions, the device, where the compiled extension came from (installed, cached
 just-in-time build, failed build with the compiler's output, disabled, or not built yet), and which backend
-each op picks here. With ``--aot ARCH``: compiles every Triton kernel variant ahead of time for
-that GPU architecture (no GPU needed) and prints registers, shared memory and spills per kernel and block
-size, read from the cubin with the ``cuobjdump`` that ships inside the Triton wheel. Exits 1 if any
-variant fails to compile or spills (stack or local memory above zero).
+each op picks here. With ``--aot ARCH [--json]``: compiles every Triton kernel variant ahead of time for
+that GPU architecture (no GPU needed) as the launchers run it, and reports registers, spills, shared memory,
+the widest global loads and stores and the barriers inside the vocabulary loops (`apa_fast.aot`). Exits 1
+if any variant fails to compile or spills.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
 import platform
-import re
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 
 import torch
 
-from . import __version__, _dispatch
+from . import __version__, _dispatch, aot
 
 
 def _module_version(name: str) -> str:
@@ -61,85 +56,21 @@ def _extension_lines(status: _dispatch.ExtensionStatus) -> list[str]:
     return [head, *(f"    {line}" for line in status.detail.rstrip().splitlines()[-30:])]
 
 
-@dataclass
-class KernelResources:
-    label: str
-    registers: int
-    stack: int
-    local: int
-    shared: int
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.stack == 0 and self.local == 0
-
-
-def _cuobjdump() -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", fh.name], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
-    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-
-
-def aot_report(arch: str = "sm_90") -> list[KernelResources]:
-    """Compile every kernel variant for ``arch`` (e.g. "sm_90") without a GPU; one row per variant."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from .kernels import logprob
-
-    capability = int(arch.removeprefix("sm_"))
-    target = GPUTarget("cuda", capability, 32)
-    backend = triton.compiler.make_backend(target)
-    rows = []
-    for kernel, signature, constexprs, num_warps, label in logprob.aot_variants():
-        label = f"{kernel.__name__.strip('_')} {label} warps={num_warps}"
-        try:
-            options = backend.parse_options({"num_warps": num_warps})
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=target, options=options.__dict__)
-            usage = _resource_usage(compiled.asm["cubin"])
-            rows.append(KernelResources(label, usage.get("REG", -1), usage.get("STACK", 0), usage.get("LOCAL", 0),
-                                        compiled.metadata.shared))
-        except Exception as exc:  # report every variant, then fail
-            rows.append(KernelResources(label, -1, -1, -1, -1, error=f"{type(exc).__name__}: {exc}"))
-    return rows
-
-
-def format_aot(rows: list[KernelResources], arch: str) -> str:
-    lines = [f"Ahead-of-time compile for {arch}",
-             "| kernel variant | registers | shared (B) | stack (B) | local (B) | status |",
-             "|---|---:|---:|---:|---:|---|"]
-    for row in rows:
-        status = "ok" if row.ok else (row.error or "SPILLS")
-        lines.append(f"| {row.label} | {row.registers} | {row.shared} | {row.stack} | {row.local} | {status} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apa_fast.info", description=__doc__.splitlines()[0])
-    parser.add_argument("--aot", metavar="ARCH", help="compile every Triton kernel for ARCH (e.g. sm_90)")
+    parser.add_argument("--aot", metavar="ARCH", type=aot.parse_arch,
+                        help="compile every Triton kernel variant for ARCH (e.g. sm_90) and report its resources")
+    parser.add_argument("--json", action="store_true", help="with --aot: the report as JSON, nothing else")
     args = parser.parse_args(argv)
-    print(environment_report())
+    if args.json and not args.aot:
+        parser.error("--json goes with --aot")
+    if not args.json:
+        print(environment_report())
     if not args.aot:
         return 0
-    if _dispatch.interpreter_enabled():
-        print("--aot compiles for a real GPU target: run it with TRITON_INTERPRET=0", file=sys.stderr)
-        return 2
-    rows = aot_report(args.aot)
-    print()
-    print(format_aot(rows, args.aot))
-    return 0 if all(row.ok for row in rows) else 1
+    if not args.json:
+        print()
+    return aot.main(args.aot, as_json=args.json)
 
 
 if __name__ == "__main__":
