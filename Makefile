@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt setuptools wheel ninja
 	# --no-build-isolation: setup.py builds against the torch just installed, not a fresh CUDA one.
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[train,test]"
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[train,test,trl]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,266 @@
+"""APA in TRL: `APAGRPOTrainer` is `trl.GRPOTrainer` with its policy loss replaced by APA's.
+
+Switching is one class name (read against TRL 1.16's ``trl/trainer/grpo_trainer.py``)::
+
+    from apa_fast.integrations.trl import APAGRPOTrainer
+    trainer = APAGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
+                             apa_lam=1.0, apa_mode="logits")
+
+Everything else is TRL's: generation, rewards, group-relative advantages ``A`` (one per completion), logging,
+checkpoints. Per micro-batch the loss is
+
+    sum over completion tokens of (logp - ref_logp - A / apa_lam) ** 2  /  N
+
+with ``logp`` the policy's log-probability of each completion token at TRL's sampling ``temperature``,
+``ref_logp`` the same under pi_init, and ``N`` the number of completion tokens in one optimizer step's batch
+on this rank (TRL's token-level normalisation, that of ``loss_type="dapo"``): gradient accumulation and data
+parallel ranks add up to the token mean over the global batch.
+
+- ``beta``: APA's squared error is its own anchor to pi_init, so TRL's KL penalty is not added. With
+  ``beta == 0`` (TRL's default) TRL loads no reference model; this trainer then keeps a frozen copy of the
+  policy as built (or disables the PEFT adapter, as TRL does) and scores the completions with it. With
+  ``beta != 0`` TRL's own reference log-probs are used.
+- ``apa_mode="logits"``: the model's forward returns the completion logits, `apa_fast.logprobs` reads them in
+  place. ``"linear"``: the forward returns the final hidden states and `apa_fast.linear_logprobs` projects them
+  through the lm_head in chunks, so the ``(B, C, V)`` logits never exist. The model's logit scaling and soft-capping
+  (Cohere ``logit_scale``, Granite ``logits_scaling``, Gemma-2 ``final_logit_softcapping``) is applied.
+- Guard: during the first optimizer step the policy still is pi_init, so ``logp - ref_logp`` must be ~0;
+  a larger mean (logits misaligned with the labels, another temperature, another head scaling) raises.
+- Metrics: ``apa/logp_minus_ref`` and ``apa/residual`` (token means of ``logp - ref_logp`` and of
+  ``logp - ref_logp - A / apa_lam``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+
+import torch
+from torch import nn
+
+try:
+    from accelerate.utils import is_peft_model
+    from trl import GRPOTrainer
+    from trl.models import prepare_deepspeed
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "apa_fast.integrations.trl needs TRL (tested with trl 1.16): pip install 'apa_fast[trl]'") from exc
+
+import apa_fast
+
+logger = logging.getLogger(__name__)
+
+MODES = ("logits", "linear")
+
+# Mean |logp - ref_logp| (nats per token) above which the first-step check raises. The policy and the
+# reference run the same weights through two code paths (full forward vs TRL's chunked head), which agree to
+# ~1e-6 in float32 and ~1e-2 under bf16 autocast; an off-by-one between logits and labels, or logits at another
+# temperature or scaling, moves every token by tenths of a nat to several nats.
+FIRST_STEP_TOLERANCE = 0.1
+
+# GRPO options that act on TRL's per-token policy loss, which this trainer replaces.
+_UNSUPPORTED = {
+    "top_entropy_quantile < 1": lambda t: t.top_entropy_quantile < 1.0,
+    "entropy_coef / use_adaptive_entropy": lambda t: t._entropy_bonus_enabled,
+    "off_policy_mask_threshold": lambda t: t.off_policy_mask_threshold is not None,
+    "a MoE router aux loss (router_aux_loss_coef != 0)": lambda t: t.aux_loss_enabled,
+    "vllm_importance_sampling_correction": lambda t: t.use_vllm and t.vllm_importance_sampling_correction,
+}
+# Inputs of vision-language models, whose forward this trainer does not build.
+_MULTIMODAL_KEYS = ("pixel_values", "token_type_ids", "mm_token_type_ids")
+
+
+class APAGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` trained with APA's loss (see the module docstring).
+
+    Extra keyword arguments:
+        apa_lam: APA's ``lam`` (> 0): the residual is ``logp - ref_logp - A / apa_lam``.
+        apa_mode: ``"logits"`` (the model returns the completion logits) or ``"linear"`` (hidden states
+            through `apa_fast.linear_logprobs`; the logits are never materialised).
+    """
+
+    def __init__(self, *args, apa_lam: float = 1.0, apa_mode: str = "logits", **kwargs):
+        if not (isinstance(apa_lam, (int, float)) and math.isfinite(apa_lam) and apa_lam > 0):
+            raise ValueError(f"apa_lam must be a finite number > 0, got {apa_lam!r}")
+        if apa_mode not in MODES:
+            raise ValueError(f"apa_mode must be one of {MODES}, got {apa_mode!r}")
+        super().__init__(*args, **kwargs)
+        self.apa_lam = float(apa_lam)
+        self.apa_mode = apa_mode
+        unsupported = [name for name, is_set in _UNSUPPORTED.items() if is_set(self)]
+        if unsupported:
+            raise ValueError(f"APAGRPOTrainer replaces GRPO's per-token loss; these options act on it and are not "
+                             f"supported: {', '.join(unsupported)}")
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if apa_mode == "linear" and (zero3 or self.is_fsdp_enabled):
+            raise ValueError("apa_mode='linear' reads the lm_head weight outside its module, which DeepSpeed ZeRO-3 "
+                             "and FSDP shard; use apa_mode='logits'")
+        if self.beta != 0.0:
+            logger.warning("APAGRPOTrainer: beta=%s only makes TRL score the reference model; its KL penalty is not "
+                           "added (APA's squared error anchors the policy to pi_init, with strength apa_lam)",
+                           self.beta)
+        if self.loss_type != "dapo":
+            logger.warning("APAGRPOTrainer: loss_type=%r is not used; APA normalises by the completion tokens of "
+                           "the accumulated batch (like loss_type='dapo')", self.loss_type)
+        self._apa_reference = self._apa_make_reference() if self.beta == 0.0 else None
+        self._apa_check_first_step = not _dropout_active(self.accelerator.unwrap_model(self.model))
+        if not self._apa_check_first_step:
+            logger.warning("APAGRPOTrainer: dropout is active, so the first-step check of logp == ref_logp is off "
+                           "(set disable_dropout=True to keep it)")
+
+    # ---- the reference log-probs --------------------------------------------------------------------------
+
+    def _apa_make_reference(self):
+        """pi_init when TRL loads none (beta == 0): a frozen copy of the policy, or None for a PEFT policy."""
+        if is_peft_model(self.model):
+            return None  # scored with the adapter disabled, as TRL does
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            raise ValueError("APAGRPOTrainer with beta == 0 copies the policy as its reference, which cannot be done "
+                             "on FSDP or ZeRO-3 shards: set beta to any non-zero value (TRL then loads the reference "
+                             "from the model's path; APA does not use beta as a coefficient) or train a PEFT adapter")
+        # deepcopy rebinds the forward TRL patched onto the policy (its fused log-prob head) to the copy.
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(reference, self.accelerator)
+        return self.accelerator.prepare_model(reference, evaluation_mode=True)
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if "ref_per_token_logps" not in batch:  # beta == 0: TRL scored no reference
+            batch["ref_per_token_logps"] = self._apa_reference_logprobs(batch)
+        return batch
+
+    @torch.no_grad()
+    def _apa_reference_logprobs(self, batch) -> torch.Tensor:
+        """(B, C) float32 log pi_init of the completion tokens, through TRL's own scoring path."""
+        _check_text_only(batch)
+        input_ids, attention_mask = _sequences(batch)
+        if self._apa_reference is not None:
+            model, reference_context = self._apa_reference, contextlib.nullcontext()
+        else:
+            peft_model = self.accelerator.unwrap_model(self.model)
+            model = self.model
+            reference_context = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+        batch_size = (self.args.per_device_train_batch_size if self.model.training
+                      else self.args.per_device_eval_batch_size)
+        with reference_context, disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, batch["completion_ids"].size(1), batch_size=batch_size)
+        return logps
+
+    # ---- the loss -----------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        _check_text_only(inputs)
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        labels = inputs["completion_ids"].masked_fill(mask == 0, -100)
+        logp = self._apa_policy_logprobs(model, inputs, labels)
+
+        # TRL's token-level normaliser: num_items_in_batch counts the completion tokens of the generation batch
+        # over all ranks, which spans steps_per_generation micro-batches per rank.
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if self.model.training:
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        ref_logp, advantages = inputs["ref_per_token_logps"], inputs["advantages"]
+        loss = apa_fast.apa_loss_from_logprobs(logp, ref_logp, advantages, mask, lam=self.apa_lam,
+                                               normalizer=normalizer)
+        self._apa_log_and_check(logp.detach(), ref_logp, advantages, mask)
+        return loss
+
+    def _apa_policy_logprobs(self, model, inputs, labels) -> torch.Tensor:
+        """(B, C) float32 log-probs of ``labels`` (the completion, -100 where not counted), differentiable."""
+        input_ids, attention_mask = _sequences(inputs)
+        completion_length = labels.size(1)
+        with self.accelerator.autocast():
+            if self.apa_mode == "logits":
+                # Position i scores token i + 1: the last C + 1 positions score the C completion tokens and one
+                # token past them, dropped.
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               logits_to_keep=completion_length + 1).logits
+                return apa_fast.logprobs(logits[:, :-1], labels, temperature=self.temperature)
+            # One logit position only: the forward's own head is skipped, the hidden states are projected below.
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                            output_hidden_states=True)
+            hidden = outputs.hidden_states[-1][:, -completion_length - 1:-1]
+        weight, bias = self._apa_lm_head()
+        scale, softcap = _logit_transform(self.accelerator.unwrap_model(self.model).config)
+        head_context = self.accelerator.autocast()
+        if self.args.cast_lm_head_to_fp32:  # TRL then projects in float32 outside autocast, the reference too
+            hidden = hidden.float()
+            head_context = torch.autocast(hidden.device.type, enabled=False)
+        with head_context:
+            return apa_fast.linear_logprobs(hidden, weight, labels, bias=bias, logit_scale=scale,
+                                            logit_softcap=softcap, temperature=self.temperature)
+
+    def _apa_lm_head(self):
+        """The lm_head's (V, H) weight and (V,) bias or None, through PEFT and distributed wrappers."""
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise ValueError("apa_mode='linear' needs a model whose get_output_embeddings() is a linear lm_head; "
+                             f"got {type(head).__name__}: use apa_mode='logits'")
+        if hasattr(head, "base_layer"):  # a PEFT tuner layer: its weight misses the adapter's delta
+            raise ValueError("apa_mode='linear' cannot read an lm_head that carries a PEFT adapter (lm_head in "
+                             "target_modules): use apa_mode='logits'")
+        return head.weight, getattr(head, "bias", None)
+
+    def _apa_log_and_check(self, logp, ref_logp, advantages, mask):
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        mask = mask.to(logp.dtype)
+        logp_minus_ref = logp - ref_logp
+        residual = logp_minus_ref - advantages / self.apa_lam
+        totals = self.accelerator.reduce(torch.stack([
+            (logp_minus_ref * mask).sum(), (residual * mask).sum(), (logp_minus_ref.abs() * mask).sum(),
+            mask.sum()]), reduction="sum")
+        count = totals[3].clamp(min=1.0)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["apa/logp_minus_ref"].append((totals[0] / count).item())
+        self._metrics[mode]["apa/residual"].append((totals[1] / count).item())
+        if self._apa_check_first_step and self.model.training and self.state.global_step == 0:
+            mean_abs = (totals[2] / count).item()
+            if not mean_abs <= FIRST_STEP_TOLERANCE:
+                raise RuntimeError(
+                    f"APAGRPOTrainer: before the first optimizer step the policy equals pi_init, yet the mean "
+                    f"|logp - ref_logp| over the completion tokens is {mean_abs:.3g} nats (tolerance "
+                    f"{FIRST_STEP_TOLERANCE}). The policy's log-probs and the reference's disagree: logits misaligned "
+                    f"with the completion tokens, another temperature (TRL samples at {self.temperature}), another "
+                    f"logit scaling, or a reference model that is not the policy's initial weights.")
+
+
+def _sequences(batch):
+    """(B, P + C) token ids and attention mask: the left-padded prompt then the right-padded completion."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    return input_ids, attention_mask
+
+
+def _check_text_only(batch):
+    present = [key for key in _MULTIMODAL_KEYS if key in batch]
+    if present:
+        raise ValueError(f"APAGRPOTrainer supports text-only models; the batch carries {present}")
+
+
+def _logit_transform(config):
+    """(logit_scale, logit_softcap) the model applies after its lm_head, read from its config."""
+    text_config = config.get_text_config()
+    scale = getattr(text_config, "logit_scale", None)  # Cohere multiplies the logits by it
+    if scale is None and getattr(text_config, "logits_scaling", None):  # Granite divides them by it
+        scale = 1.0 / text_config.logits_scaling
+    softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2: softcap * tanh(z / softcap)
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def _dropout_active(model: nn.Module) -> bool:
+    """True when a forward in training mode is random: dropout modules or config dropout rates above 0."""
+    config = model.config.get_text_config().to_dict()
+    rates = [value for key, value in config.items()
+             if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float)]
+    return any(rate > 0 for rate in rates) or any(
+        isinstance(module, nn.Dropout) and module.p > 0 for module in model.modules())
