@@ -1,8 +1,9 @@
 """Generalized advantage estimation for a whole batch in one call: `gae`.
 
-GAE is a reverse linear recurrence over each row. The compiled kernels (`apa_fast._C`: CUDA, and C++ with
-OpenMP on the CPU) run it in one pass; the pure-PyTorch path here runs it without a per-timestep loop:
-masked-out positions are squeezed out of every row, then the discounted suffix sum is taken by doubling.
+GAE is a reverse linear recurrence over each row. The compiled kernels (`apa_fast._C`, installed or built
+just in time: CUDA, and C++ with OpenMP on the CPU) run it in one pass; the pure-PyTorch path here runs it
+without a per-timestep loop: masked-out positions are squeezed out of every row, then the discounted suffix
+sum is taken by doubling.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         whiten: whiten the advantages over all valid positions of the batch, ``(A - mean) / (std + 1e-8)``
             with the unbiased std (0 with fewer than two valid positions); returns keep the raw advantages.
         backend: "cuda" (the CUDA kernel, CUDA tensors), "cpu" (the C++ kernel, CPU tensors), "torch" (pure
-            PyTorch, any device) or "auto" (the compiled kernel for the tensors' device if it loaded, else torch).
+            PyTorch, any device) or "auto" (the compiled kernel for the tensors' device if it is available, else
+            torch). When `pip install` carried no `apa_fast._C`, "auto", "cpu" and "cuda" build it just in time
+            on first use (once per environment, cached; see README "Install").
 
     Per row the recurrence runs backwards over the valid positions only, skipping masked-out ones (right or
     left padding, holes): for consecutive valid positions t < t', ``delta_t = r_t + gamma * V_t' - V_t`` and
