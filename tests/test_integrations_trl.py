@@ -27,9 +27,9 @@ TEMPERATURE = 0.7
 # is float32-accurate too; linear mode projects in bf16 inside the kernel where the oracle projects in float64,
 # so each logit carries bf16 rounding (2^-9 relative) and the loss ~1e-2.
 LOSS_TOL = {("logits", False): 1e-5, ("linear", False): 1e-5, ("logits", True): 1e-5, ("linear", True): 3e-2}
-# The two modes see the same weights and completions: float32 agrees to rounding; under bf16 one rounds the
-# logits of a bf16 matmul, the other rounds inside its chunked matmul.
-MODES_TOL = {False: 1e-5, True: 3e-2}
+# Largest |logp_logits - logp_linear| (nats) on the same first batch: float32 agrees to rounding; under bf16 one
+# mode rounds the logits of a bf16 matmul, the other rounds inside its chunked matmul (logits of size ~3).
+MODES_TOL = {False: 1e-5, True: 5e-2}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,9 @@ class Recorder:
 
         def recorded(*args, **kwargs):
             out = fn(*args, **kwargs)
+            # Copies: the optimizer updates the lm_head weight in place after this call.
+            args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+            kwargs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             self.calls.append((name, args, kwargs, out))
             return out
         recorded.__wrapped__ = fn
@@ -130,13 +133,17 @@ def train(tmp_path, tokenizer, monkeypatch, *, mode, bf16, model=None, **overrid
     return trainer, recorder.steps(), unchanged
 
 
-def first_step_loss(steps):
-    (head, loss_call) = steps[0]
-    loss = loss_call[3].detach().double()
-    # The normaliser spans the accumulated batch: both micro-batches of the first optimizer step.
-    window_tokens = sum(call[1][3].sum().item() for _, call in steps[:2])
-    assert torch.as_tensor(loss_call[2]["normalizer"]).item() == pytest.approx(window_tokens)
-    return loss, float64_loss(head, loss_call)
+def loss_errors(steps, accumulation=2):
+    """Relative error of each micro-batch's loss against float64; checks each normaliser on the way."""
+    errors = []
+    for i, (head, loss_call) in enumerate(steps):
+        # The normaliser spans the accumulated batch: every micro-batch of this optimizer step.
+        window = steps[i - i % accumulation:i - i % accumulation + accumulation]
+        window_tokens = sum(call[1][3].sum().item() for _, call in window)
+        assert torch.as_tensor(loss_call[2]["normalizer"]).item() == pytest.approx(window_tokens)
+        expected = float64_loss(head, loss_call).item()
+        errors.append(abs(loss_call[3].item() - expected) / abs(expected))
+    return errors
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
@@ -147,18 +154,22 @@ def test_trl_apa_both_modes(tmp_path, tokenizer, monkeypatch, bf16):
         assert len(steps) == 4  # 2 optimizer steps x 2 micro-batches
         head_call = steps[0][0]
         assert head_call[2]["temperature"] == TEMPERATURE
-        if bf16:  # the projection ran under autocast
-            assert (head_call[1][0].dtype == torch.bfloat16) or mode == "linear"
-        loss, expected = first_step_loss(steps)
-        err = abs(loss.item() - expected.item()) / abs(expected.item())
-        print(f"{mode} {'bf16' if bf16 else 'fp32'}: first-step loss {loss.item():.6f}, float64 {expected.item():.6f}, "
-              f"relative error {err:.2e}")
-        assert err <= LOSS_TOL[mode, bf16]
+        if bf16 and mode == "logits":  # the lm_head ran under autocast: bf16 values (accelerate may upcast them)
+            logits = head_call[1][0]
+            assert torch.equal(logits.to(torch.bfloat16).to(logits.dtype), logits)
+        errors = loss_errors(steps)
+        # At the first step logp == ref_logp (the policy is pi_init); the second step's batch, sampled after an
+        # update, has logp != ref_logp and so checks the log-probs themselves.
+        print(f"{mode} {'bf16' if bf16 else 'fp32'}: loss vs float64, first step {errors[0]:.2e}, "
+              f"worst micro-batch {max(errors):.2e}")
+        assert max(errors) <= LOSS_TOL[mode, bf16]
         assert not unchanged, f"parameters without gradient: {unchanged}"
         logged = [h for h in trainer.state.log_history if "apa/residual" in h]
         assert len(logged) == 2 and all("apa/logp_minus_ref" in h for h in logged)
-        first[mode] = loss.item()
-    assert first["linear"] == pytest.approx(first["logits"], rel=MODES_TOL[bf16])
+        first[mode] = head_call
+    # Same seed, same weights: both modes score the same first completions, to rounding.
+    torch.testing.assert_close(first["linear"][1][2], first["logits"][1][1])
+    torch.testing.assert_close(first["linear"][3], first["logits"][3], rtol=0, atol=MODES_TOL[bf16])
 
 
 def test_trl_reference_from_trl_when_beta_is_set(tmp_path, tokenizer, monkeypatch):
@@ -167,8 +178,7 @@ def test_trl_reference_from_trl_when_beta_is_set(tmp_path, tokenizer, monkeypatc
     trainer, steps, unchanged = train(tmp_path / "run", tokenizer, monkeypatch, mode="logits", bf16=False,
                                       model=str(tmp_path / "policy"), beta=0.04)
     assert trainer._apa_reference is None and trainer.ref_model is not None
-    loss, expected = first_step_loss(steps)
-    assert loss.item() == pytest.approx(expected.item(), rel=LOSS_TOL["logits", False])
+    assert max(loss_errors(steps)) <= LOSS_TOL["logits", False]
     assert not unchanged
 
 
@@ -178,8 +188,7 @@ def test_trl_peft_reference_is_the_disabled_adapter(tmp_path, tokenizer, monkeyp
     trainer, steps, unchanged = train(tmp_path, tokenizer, monkeypatch, mode="linear", bf16=False, model=model)
     assert trainer._apa_reference is None  # no copy: the first-step check passed against the disabled adapter
     assert not unchanged
-    loss, expected = first_step_loss(steps)
-    assert loss.item() == pytest.approx(expected.item(), rel=LOSS_TOL["linear", False])
+    assert max(loss_errors(steps)) <= LOSS_TOL["linear", False]
 
 
 def test_trl_first_step_check_catches_a_wrong_temperature(tmp_path, tokenizer):
