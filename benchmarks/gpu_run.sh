@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (no network): environment report, build, CUDA tests, benchmark grid, report.
+# One call on a GPU machine (no network): environment report, build, the headline decision (two-kernel vs
+# training-mode design, then their DRAM bytes under ncu when installed), CUDA tests, benchmark grid, report.
 #
 #   bash benchmarks/gpu_run.sh OUT_DIR
 #
@@ -76,9 +77,23 @@ if ! kernels_importable; then  # the build ran out of time: the Triton kernels n
     [ -e apa_fast/kernels ] || ln -s ../kernels apa_fast/kernels
 fi
 stage info 60 "$PY" -m apa_fast.info
+# The decision first: the two-kernel design (3L by design) against the training-mode design (2L if its
+# re-read hits L2), forward+backward at the headline shape, timed in the same call.
+HEADLINE_CASES=(
+    "benchmarks/test_logprob.py::test_logprob_op[apa_loss-apa_fast-full-16384x50400-bfloat16]"
+    "benchmarks/test_logprob.py::test_logprob_op[apa_loss-apa_fast-fused_grad-full-16384x50400-bfloat16]"
+)
+stage headline 90 "$PY" -m pytest -q -p no:cacheprovider --benchmark-columns=median,rounds "${HEADLINE_CASES[@]}"
+if command -v ncu >/dev/null 2>&1; then  # DRAM bytes and L2 hit rate per kernel: is the re-read an L2 hit?
+    stage dram 90 ncu --kernel-name regex:logprob --metrics \
+        dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
+        "$PY" -m benchmarks.dram_probe
+else
+    echo "=== dram: skipped, ncu is not installed" | tee -a "$LOG"
+fi
 stage cuda-tests 150 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider
-# Leave 30 s for the report.
+# Leave 30 s for the report; the headline cases were measured above.
 stage benchmarks $(($(remaining_s) - 30)) "$PY" -m pytest -q -p no:cacheprovider --benchmark-columns=median,rounds \
-    $(benchmark_files)
+    "${HEADLINE_CASES[@]/#/--deselect=}" $(benchmark_files)
 stage report 30 "$PY" -m benchmarks.report --no-plots --out "$OUT_DIR"
 echo "=== done at t=$((SECONDS - START_S))s; files: $(ls "$OUT_DIR" | tr '\n' ' ')" | tee -a "$LOG"

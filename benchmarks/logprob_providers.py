@@ -3,8 +3,11 @@
 Ops: ``apa_loss`` (`apa_fast.loss`, APA with lam 0.1 as its authors ran it) and ``logprobs``
 (`apa_fast.logprobs`). Providers, by the names the records carry:
 
-* ``apa_fast``: the fused op (Triton on CUDA; the chunked torch backend on a CPU, noted as ``backend``);
-  variant ``inplace`` passes ``inplace_backward=True``;
+* ``apa_fast``: the fused op (Triton on CUDA; the chunked torch backend on a CPU, noted as ``backend``) in its
+  two-kernel design (``APA_FAST_FUSED_GRAD=0``: the forward reads the logits, the backward reads them again
+  and writes the gradient); variant ``inplace`` passes ``inplace_backward=True``; variant ``fused_grad`` is
+  the training-mode design (``APA_FAST_FUSED_GRAD=1``: one kernel per row writes the gradient during the
+  forward, the backward returns it);
 * ``torch``: `apa_fast.reference`, the unfused eager code a trainer runs today;
 * ``torch_compile``: ``torch.compile`` of that same reference (static shapes);
 * ``flash_attn`` / ``liger``: their fused cross-entropy kernels for the log-probs, with the APA epilogue in
@@ -14,17 +17,22 @@ Before its first case, each fused provider's gradient is checked against the ref
 (a mismatch fails for apa_fast and skips an alternative, whose API may have changed).
 
 Modes: ``forward`` (the loss, with the autograd graph built as in training), ``backward`` (the gradient
-from a forward done untimed), ``full`` (both). The memory floor counts the logits read once forward, read
-once and the gradient written once backward.
+from a forward done untimed), ``full`` (both). Two byte counts go with each case (benchmarks/README.md gives
+the formulas): the floor (`floor_bytes`: the logits read once and their gradient written once, 2L for
+forward+backward with L the logits' bytes) and the bytes the provider's design moves (`bytes_by_design`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import os
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import apa_fast
 from apa_fast import reference
@@ -33,8 +41,24 @@ OPS = ("apa_loss", "logprobs")
 MODES = ("forward", "backward", "full")
 LAM = 0.1  # 1/lam = 10, the APA authors' setting
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-# Passes over the logits that the memory floor counts per mode: reads forward; read + write backward.
-FLOOR_PASSES = {"forward": 1, "backward": 2, "full": 3}
+# Passes over the logits that the memory floor counts per mode: one read in the forward, one gradient write in
+# the backward; 2L for forward+backward, whatever the design.
+FLOOR_PASSES = {"forward": 1, "backward": 1, "full": 2}
+# APA_FAST_FUSED_GRAD per apa_fast variant: each record names the design that ran, never "auto".
+FUSED_GRAD = {None: "0", "inplace": "0", "fused_grad": "1"}
+# Passes over the logits (L each) that each fused design moves per mode, counting [tokens x vocab] traffic
+# only (the per-row numbers are 16 bytes a token). fused_grad assumes its re-read of each row hits L2, and
+# a backward with grad_output == 1 (a scalar loss's backward): it returns the gradient, moving nothing.
+DESIGN_PASSES = {
+    ("apa_fast", None): {"forward": 1, "backward": 2, "full": 3},
+    ("apa_fast", "inplace"): {"forward": 1, "backward": 2, "full": 3},
+    ("apa_fast", "fused_grad"): {"forward": 2, "backward": 0, "full": 2},
+    # flash-attn's cross-entropy: lse forward; backward reads the logits and writes the gradient.
+    ("flash_attn", None): {"forward": 1, "backward": 2, "full": 3},
+    # Liger's cross-entropy writes the gradient into the logits during the forward; with per-token losses
+    # its backward multiplies that gradient by the upstream vector (read + write).
+    ("liger", None): {"forward": 2, "backward": 2, "full": 4},
+}
 # (package to import, provider name): the public fused cross-entropy kernels, GPU only.
 ALTERNATIVES = (("liger_kernel", "liger"), ("flash_attn", "flash_attn"))
 
@@ -87,9 +111,13 @@ def installed_alternatives(device: str) -> list[str]:
 
 
 def _provider_variants(op: str, provider: str, mode: str) -> list[tuple[str, str | None]]:
-    """apa_fast's losses run with and without the in-place backward where a backward runs."""
-    if op == "apa_loss" and provider == "apa_fast" and mode != "forward":
-        return [("apa_fast", None), ("apa_fast", "inplace")]
+    """apa_fast's losses run in both designs (two kernels, training mode), and in place where a backward runs.
+
+    The per-token log-probs (reduction "none") have no training-mode design.
+    """
+    if op == "apa_loss" and provider == "apa_fast":
+        inplace = [("apa_fast", "inplace")] if mode != "forward" else []
+        return [("apa_fast", None), ("apa_fast", "fused_grad"), *inplace]
     return [(provider, None)]
 
 
@@ -117,6 +145,8 @@ def grid_cases(grid: str, device: str) -> list[Case]:
     else:
         head_t, head_v, head_d = HEADLINE["tokens"], HEADLINE["vocab"], HEADLINE["dtype"]
         groups = [
+            # The two designs (and in place) at the headline shape first: the first GPU run decides between them.
+            _cases("apa_loss", ["apa_fast"], ["full"], [head_t], [head_v], [head_d]),
             _cases("apa_loss", every, MODES, [head_t], [head_v], [head_d]),
             _cases("apa_loss", every, MODES, GPU_TOKENS, [head_v], [head_d]),
             _cases("apa_loss", every, ["full"], [head_t], GPU_VOCABS, [head_d]),
@@ -137,8 +167,66 @@ def memory_target_cases() -> list[Case]:
                        [shape["dtype"]]))
 
 
+def logits_bytes(case: Case) -> int:
+    """L: the logits' bytes."""
+    return case.tokens * case.vocab * DTYPES[case.dtype].itemsize
+
+
 def floor_bytes(case: Case) -> int:
-    return FLOOR_PASSES[case.mode] * case.tokens * case.vocab * DTYPES[case.dtype].itemsize
+    return FLOOR_PASSES[case.mode] * logits_bytes(case)
+
+
+def bytes_by_design(case: Case) -> int:
+    """The DRAM bytes the provider's design moves for the case's mode (benchmarks/README.md, "Bytes")."""
+    passes = DESIGN_PASSES.get((case.provider, case.variant))
+    if passes is not None:
+        return passes[case.mode] * logits_bytes(case)
+    if case.provider == "torch_compile":
+        # From Inductor's generated code (read, not run on a GPU): the forward loops three times over each row;
+        # the backward of `gather` writes a float32 [tokens x vocab] zeros buffer, scatters into it, and a
+        # fused kernel re-reads it with the logits and writes the gradient.
+        float32_nv = case.tokens * case.vocab * 4
+        forward, backward = 3 * logits_bytes(case), 2 * float32_nv + 2 * logits_bytes(case)
+        return {"forward": forward, "backward": backward, "full": forward + backward}[case.mode]
+    return _eager_bytes(case.op, case.mode, case.tokens, case.vocab, case.dtype)
+
+
+class _ByteCounter(TorchDispatchMode):
+    """Sums the bytes each aten op reads and writes (no reuse between ops): eager PyTorch's DRAM traffic."""
+
+    WRITE_ONLY = {"aten.copy_.default", "aten.fill_.Scalar", "aten.zero_.default"}
+    NO_TRAFFIC = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default"}
+    GATHERS = {"aten.gather.default"}  # reads only the gathered elements (and the index)
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name in self.NO_TRAFFIC or any(r.alias_info is not None and not r.alias_info.is_write
+                                          for r in func._schema.returns):
+            return out  # views move nothing
+        written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        read = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if name in self.WRITE_ONLY:
+            read = read[1:]
+        elif name in self.GATHERS:
+            read = read[1:] + written
+        self.total += sum(t.numel() * t.element_size() for t in read + written)
+        return out
+
+
+@functools.cache
+def _eager_bytes(op: str, mode: str, tokens: int, vocab: int, dtype: str) -> int:
+    """The eager reference's aten-op traffic for one case, counted on meta tensors (nothing allocated)."""
+    case = Case(op, "torch", mode, tokens, vocab, dtype)
+    step, setup = build_measurement(case, make_inputs(case, "meta"))
+    args = setup() if mode == "backward" else ()
+    with _ByteCounter() as counter:
+        step(*args)
+    return counter.total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,10 +268,11 @@ def op_function(case: Case):
     """``inputs -> output`` for the case's op and provider."""
     inplace = case.variant == "inplace"
     if case.provider == "apa_fast":
+        design = FUSED_GRAD[case.variant]
         if case.op == "apa_loss":
-            return lambda x: apa_fast.loss(x["logits"], x["labels"], x["ref_logprobs"], x["advantages"], lam=LAM,
-                                           inplace_backward=inplace)
-        return lambda x: apa_fast.logprobs(x["logits"], x["labels"])
+            return lambda x: _with_design(design, lambda: apa_fast.loss(
+                x["logits"], x["labels"], x["ref_logprobs"], x["advantages"], lam=LAM, inplace_backward=inplace))
+        return lambda x: _with_design(design, lambda: apa_fast.logprobs(x["logits"], x["labels"]))
     if case.provider in ("torch", "torch_compile"):
         eager = case.provider == "torch"
         if case.op == "apa_loss":
@@ -195,6 +284,25 @@ def op_function(case: Case):
     if case.op == "apa_loss":
         return lambda x: _apa_epilogue(logprobs_of(x["logits"], x["labels"], inplace), x)
     return lambda x: logprobs_of(x["logits"], x["labels"], inplace)
+
+
+def _with_design(fused_grad: str, call):
+    """Run ``call()`` with ``APA_FAST_FUSED_GRAD`` set (apa_fast reads it when the forward runs)."""
+    with _environ("APA_FAST_FUSED_GRAD", fused_grad):
+        return call()
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 def backend_of(case: Case, device: str) -> str | None:

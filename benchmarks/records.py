@@ -9,7 +9,8 @@ and plots. A record has three kinds of fields:
   ``flash_attn``), optionally ``variant`` (``inplace``) and ``backend`` (``triton``, ``torch``, ``cuda``...);
 * the measurement and its context: ``ms`` (median), ``peak_mem_mb`` (MiB above the inputs), ``gbps`` and
   ``floor_fraction`` (bytes the memory floor counts over the time, and that rate over the measured copy
-  bandwidth), ``device``, ``torch``, ``triton``, ``commit``, ``date``, plus the `METADATA_FIELDS` below.
+  bandwidth), ``bytes_by_design`` (the DRAM bytes the provider's design moves), ``device``, ``torch``,
+  ``triton``, ``commit``, ``date``, plus the `METADATA_FIELDS` below.
 
 ``APA_BENCH_RESULTS_DIR`` redirects the files (the GPU script writes straight into the folder the device tool
 copies back); ``APA_BENCH_COMMIT`` names the commit where the tree has no ``.git`` (the device machine).
@@ -34,7 +35,8 @@ STANDARD_FIELDS = ("op", "provider", "mode", "tokens", "vocab", "dtype", "ms", "
 PROVIDER_FIELDS = ("provider", "variant", "backend")
 # Fields that describe how a figure was obtained rather than what was measured: never part of a case key.
 METADATA_FIELDS = ("ms", "peak_mem_mb", "gbps", "floor_fraction", "device", "torch", "triton", "commit", "date",
-                   "copy_gbps", "floor_bytes", "rounds", "memory_metric", "error", "compile", "note")
+                   "copy_gbps", "floor_bytes", "bytes_by_design", "rounds", "memory_metric", "error", "compile",
+                   "note")
 
 
 def results_dir() -> Path:

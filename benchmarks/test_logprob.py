@@ -2,7 +2,8 @@
 
 One test per case of `benchmarks.logprob_providers.grid_cases` (headline shape first): median time, peak
 memory above the inputs (CUDA allocator peak on a GPU; resident-set peak from a fresh process on a CPU, for
-forward+backward) and the fraction of the copy bandwidth reached over the bytes the memory floor counts.
+forward+backward), the fraction of the copy bandwidth reached over the bytes the memory floor counts (2L for
+forward+backward) and the bytes the provider's design moves (``bytes_by_design``).
 A case that runs out of memory is recorded with ``error`` and skipped: that is a result, not a failure.
 """
 
@@ -67,7 +68,8 @@ def test_logprob_op(logprob_case, benchmark, device, copy_gbps, cpu_peaks):
     reason = providers.unavailable_reason(case, device)
     if reason:
         pytest.skip(reason)
-    fields = {**case.fields(), "backend": providers.backend_of(case, device)}
+    fields = {**case.fields(), "backend": providers.backend_of(case, device),
+              "bytes_by_design": providers.bytes_by_design(case)}
     result = _measure(case, benchmark, device, copy_gbps, cpu_peaks)
     if result is None:
         harness.release_memory(device)
