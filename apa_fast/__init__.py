@@ -5,6 +5,7 @@ Public API (see README.md):
     apa_fast.logprobs    fused token log-probabilities
     apa_fast.ppo_loss    PPO's clipped surrogate through the same kernel (baseline)
     apa_fast.awr_loss    AWR's weighted log-likelihood through the same kernel (baseline)
+    apa_fast.apa_loss_from_logprobs   the APA formula on log-probs a framework already computed (plain PyTorch)
     apa_fast.linear_loss / linear_logprobs   the same from hidden states and the lm_head (no logits)
     apa_fast.gae         batched generalized advantage estimation (compiled extension or torch)
     apa_fast.APALoss     nn.Module wrapper of apa_fast.loss
@@ -15,14 +16,14 @@ Importing the package needs only torch: Triton, the compiled extension and the t
 load lazily, and `python -m apa_fast.info` explains any that are missing.
 """
 
-from . import reference, zero3
+from . import reference, validation, zero3
 from .gae import gae
 from .linear import linear_logprobs, linear_loss
-from .logprob import awr_loss, logprobs, loss, ppo_loss
+from .logprob import apa_loss_from_logprobs, awr_loss, logprobs, loss, ppo_loss
 from .nn import APALoss
 
 __version__ = "0.1.0"
 __all__ = [
-    "loss", "logprobs", "ppo_loss", "awr_loss", "linear_loss", "linear_logprobs", "gae", "APALoss", "reference",
-    "zero3", "__version__",
+    "loss", "logprobs", "ppo_loss", "awr_loss", "apa_loss_from_logprobs", "linear_loss", "linear_logprobs", "gae",
+    "APALoss", "reference", "validation", "zero3", "__version__",
 ]

@@ -2,20 +2,28 @@
 
 The lm_head projection and the log-softmax run together, one chunk of token rows at a time, so at most one
 chunk of logits exists: for GPT-J (V = 50,400) and 16k tokens that is a few hundred MB instead of 1.6 GB of
-bf16 logits plus their gradient. Each chunk of logits goes through the same implementation as
-`apa_fast.loss` (`logprob._implementation`: the Triton kernels on CUDA, the chunked torch path on CPU) and
-its gradient is written over the chunk's logits in place. Rows that do not count (ignored label or masked
-out, typically the prompt) are never projected.
+bf16 logits plus their gradient. Each chunk of logits goes through the same kernel family as `apa_fast.loss`
+(the Triton kernels on CUDA, the chunked torch path on CPU) and its gradient is written over the chunk's
+logits in place. Rows that do not count (ignored label or masked out, typically the prompt) are never
+projected.
+
+Logits as models compute them: ``z = logit_scale * (hidden @ weight.T + bias)``, then
+``z = logit_softcap * tanh(z / logit_softcap)`` when set (Gemma-2's final soft-capping; Cohere's and
+Granite's logit scales), then ``z / temperature`` inside the kernels. Precision follows ``F.linear``: under
+``torch.autocast`` the projection runs in the autocast dtype; outside it, in the wider dtype of hidden and
+weight (a bfloat16 hidden state with a float32 head, as in TRL's ``cast_lm_head_to_fp32``, projects in float32).
 
 Gradients. For a scalar loss ("mean"/"sum") the upstream gradient is a single number, so the forward
 computes the gradients of hidden, weight and bias while each chunk's logits are at hand (three matmuls in
 all) and the backward only multiplies them by it. For per-token outputs (``reduction="none"``,
 `linear_logprobs`) the backward recomputes each chunk's logits from the saved hidden states (four matmuls).
-Both run the same sweep (`_sweep`). The weight gradient accumulates in float32 across chunks.
+Both run the same sweep (`_sweep`). The weight gradient accumulates in float32 across chunks. The sweep runs
+inside the custom ops ``apa_fast::linear_forward`` / ``apa_fast::linear_backward``, so `torch.compile` sees one
+opaque op (no graph break).
 
 Equivalent PyTorch code::
 
-    logits = hidden @ weight.T + bias                  # (..., V) in hidden's dtype
+    logits = hidden @ weight.T + bias                  # (..., V)
     loss = apa_fast.loss(logits, labels, ref_logprobs, advantages, mask, lam=lam, ...)
 """
 
@@ -26,8 +34,18 @@ import os
 
 import torch
 
-from . import logprob, zero3
-from .logprob import APA, LOGPROB
+from . import _dispatch, zero3
+from .kinds import APA, LOGPROB, LossKind
+from .logprob import _not_twice_differentiable, device_guard, differentiable_once, implementation
+from .rows import as_rows3d, denominator, reduce_rows, upstream_scale
+from .validation import (
+    check_float_rows,
+    check_positive,
+    check_reduction,
+    check_temperature,
+    per_token_floats,
+    token_labels,
+)
 
 # Upper bound on one chunk's logits, by device type. On CPU (float32 bytes) the torch path holds about four
 # float32 temporaries of its chunk, so 8 MiB keeps the loss's working set near 50 MiB; on CUDA the Triton
@@ -41,39 +59,40 @@ ROW_MULTIPLE = 64
 
 
 # ----------------------------------------------------------------------------------------------------
-# Input checks for the projection; the per-token inputs are checked by logprob._token_inputs.
+# Input checks and the projection's dtype; the per-token inputs are checked by apa_fast.validation.
 # ----------------------------------------------------------------------------------------------------
 def _check_projection(hidden, weight, bias) -> None:
-    logprob._check_float_rows("hidden", hidden, "H")
+    check_float_rows("hidden", hidden, "H")
     hidden_size = hidden.shape[-1]
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    zero3.check_gathered("weight", weight)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
+                            f"got {type(tensor).__name__}")
+        zero3.check_gathered(name, tensor)
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+        check_float_rows(name, tensor, "V" if name == "bias" else "H")
     if weight.dim() != 2 or weight.shape[1] != hidden_size or weight.shape[0] < 1:
         raise ValueError(f"weight must have shape (V, {hidden_size}) (V >= 1, hidden.shape[-1] = {hidden_size}), "
                          f"got {tuple(weight.shape)}")
-    _check_like_hidden("weight", weight, hidden)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        zero3.check_gathered("bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight.shape[0]), got {tuple(bias.shape)}")
-        _check_like_hidden("bias", bias, hidden)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight.shape[0]), got {tuple(bias.shape)}")
 
 
-def _check_like_hidden(name, tensor, hidden) -> None:
-    if tensor.device != hidden.device:
-        raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
-    if tensor.dtype != hidden.dtype:
-        raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
+def _projection_dtype(hidden, weight, bias) -> torch.dtype:
+    """The dtype the projection runs in: the autocast dtype under autocast, else the widest input dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
 
 
 def _chunk_rows(chunk_size, hidden_size, vocab, dtype, device) -> int:
-    """Rows per chunk: ``chunk_size`` when given, else the most whose logits fit the device's budget."""
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    """Rows per chunk: ``chunk_size`` when positive, else the most whose logits fit the device's budget."""
+    if chunk_size > 0:
         return chunk_size
     budget = min(CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]), _free_bytes(device) // FREE_MEMORY_FRACTION)
     # Per row: the logits (float32 on CPU, where the torch path upcasts) plus the gathered hidden row and its grad.
@@ -94,34 +113,46 @@ def _free_bytes(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Projection:
-    """``hidden @ weight.T + bias`` for selected token rows. ``hidden3d``: ``(outer, inner, H)`` view."""
+    """``logit_scale * (hidden @ weight.T + bias)``, soft-capped, for selected token rows.
+
+    ``hidden3d``: ``(outer, inner, H)`` view; ``softcap`` 0 means none.
+    """
 
     hidden3d: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
-
-    @classmethod
-    def of(cls, hidden, weight, bias):
-        return cls(logprob._as_rows3d(hidden.detach()), weight.detach(), None if bias is None else bias.detach())
+    scale: float
+    softcap: float
 
     def hidden_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n, H)`` copy of the flat token rows ``rows`` (no copy of the whole, possibly strided, hidden)."""
         inner = self.hidden3d.shape[1]
         return self.hidden3d[rows // inner, rows % inner]
 
-    def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        """``(n, V)`` contiguous logits in hidden's dtype."""
-        if self.bias is None:
-            return hidden_rows @ self.weight.T
-        return torch.addmm(self.bias, hidden_rows, self.weight.T)
+    def logits(self, hidden_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(z (n, V) contiguous in the projection dtype, tanh (n, V) float32 or None)``; tanh is kept for the
+        chain rule through the soft cap."""
+        z = hidden_rows @ self.weight.T if self.bias is None else torch.addmm(self.bias, hidden_rows, self.weight.T)
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if not self.softcap:
+            return z, None
+        tanh = z.to(torch.float32, copy=True).div_(self.softcap).tanh_()
+        z.copy_(tanh * self.softcap)
+        return z, tanh
+
+    def chain(self, dlogits: torch.Tensor, tanh: torch.Tensor | None) -> torch.Tensor:
+        """d/d(hidden @ weight.T + bias) from d/dz, in place: times ``scale * (1 - tanh^2)``."""
+        if tanh is not None:
+            dlogits.copy_(dlogits.float().mul_(1.0 - tanh.square()))
+        return dlogits.mul_(self.scale) if self.scale != 1.0 else dlogits
 
 
 @dataclasses.dataclass(frozen=True)
 class _LogitsPass:
-    """What every chunk of logits goes through: one implementation of logprob's kernel family."""
+    """What every chunk of logits goes through: one implementation of the kernel family and one loss kind."""
 
-    forward_impl: object
-    backward_impl: object
+    impl: object
     loss_kind: int
     inv_temperature: float
     param0: float
@@ -130,8 +161,8 @@ class _LogitsPass:
 
 @dataclasses.dataclass
 class _Gradients:
-    """Gradient buffers, None where the input needs none: hidden ``(rows, H)`` in hidden's dtype; weight and
-    bias accumulate in float32 until `finished`."""
+    """Gradient buffers, None where the input needs none: hidden ``(rows, H)`` in the projection dtype; weight
+    and bias accumulate in float32."""
 
     hidden: torch.Tensor | None
     weight: torch.Tensor | None
@@ -147,7 +178,7 @@ class _Gradients:
         )
 
     def accumulate(self, proj: _Projection, rows, hidden_rows, dlogits) -> None:
-        """Add the contribution of ``dlogits (n, V)`` for the flat token ``rows``."""
+        """Add the contribution of ``dlogits (n, V)`` (d/d of the unscaled projection) for the flat ``rows``."""
         if self.hidden is not None:
             self.hidden.index_copy_(0, rows, dlogits @ proj.weight)
         if self.weight is not None:
@@ -160,19 +191,11 @@ class _Gradients:
         if self.bias is not None:
             self.bias.add_(dlogits.sum(0, dtype=torch.float32))
 
-    def finished(self, proj: _Projection) -> _Gradients:
-        """The gradients in their inputs' dtypes."""
-        return _Gradients(
-            self.hidden,
-            None if self.weight is None else self.weight.to(proj.weight.dtype),
-            None if self.bias is None else self.bias.to(proj.bias.dtype),
-        )
-
-    def scaled(self, factor: torch.Tensor) -> _Gradients:
-        if bool(factor == 1):  # loss.backward(): no second (V, H) buffer
-            return self
-        return _Gradients(*(None if g is None else g * factor.to(g.dtype) for g in (self.hidden, self.weight,
-                                                                                      self.bias)))
+    def outputs(self, proj: _Projection, hidden_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gradients in the projection dtype, shaped like their inputs; empty tensors where not needed."""
+        return (proj.weight.new_empty(0) if self.hidden is None else self.hidden.view(hidden_shape),
+                proj.weight.new_empty(0) if self.weight is None else self.weight.to(proj.weight.dtype),
+                proj.weight.new_empty(0) if self.bias is None else self.bias.to(proj.weight.dtype))
 
 
 def _sweep(proj, passes, labels, counted_rows, chunk_rows, *, aux=None, adv=None, row_scale=None, lse=None,
@@ -181,87 +204,179 @@ def _sweep(proj, passes, labels, counted_rows, chunk_rows, *, aux=None, adv=None
 
     Forward mode (``aux``/``adv`` given, float32 ``(rows,)``, empty when the epilogue ignores them): returns
     float32 ``(4, rows)`` = (logp, lse, loss, dlogp), zero on rows that do not count; with ``grads`` it also
-    accumulates the gradients of ``sum(row_scale * loss)`` (``row_scale`` a scalar tensor).
+    accumulates the gradients of ``sum(row_scale * loss)`` (``row_scale`` a float32 0-dim tensor).
     Backward mode (``lse`` and ``row_grad``, float32 ``(rows,)``): accumulates into ``grads`` the gradients
     of ``sum(row_grad * logp)``.
     """
     forward_mode = aux is not None
+    impl = passes.impl
+    kernel_args = dict(loss_kind=passes.loss_kind, inv_temperature=passes.inv_temperature, param0=passes.param0,
+                       param1=passes.param1)
     stats = torch.zeros(4, labels.numel(), dtype=torch.float32, device=labels.device) if forward_mode else None
     for start in range(0, counted_rows.numel(), chunk_rows):
         rows = counted_rows[start:start + chunk_rows]
         hidden_rows = proj.hidden_rows(rows)
-        logits3d = proj.logits(hidden_rows)[None]
-        chunk_labels = labels[rows]
+        logits, tanh = proj.logits(hidden_rows)
+        logits3d, chunk_labels = logits[None], labels[rows]
+        # dlogits overwrite the chunk's logits: nothing reads them afterwards.
         if forward_mode:
-            chunk_stats = torch.stack(passes.forward_impl(
-                logits3d, chunk_labels, aux[rows] if aux.numel() else aux, adv[rows] if adv.numel() else adv,
-                loss_kind=passes.loss_kind, inv_temperature=passes.inv_temperature, param0=passes.param0,
-                param1=passes.param1))
-            stats[:, rows] = chunk_stats
-            chunk_lse, chunk_row_grad = chunk_stats[1], chunk_stats[3] * row_scale
+            chunk_aux, chunk_adv = (aux[rows] if aux.numel() else aux), (adv[rows] if adv.numel() else adv)
+            if grads is not None:
+                chunk_stats = impl.forward_grad(logits3d, chunk_labels, chunk_aux, chunk_adv, logits3d, row_scale,
+                                                **kernel_args)
+            else:
+                chunk_stats = impl.forward(logits3d, chunk_labels, chunk_aux, chunk_adv, **kernel_args)
+            stats[:, rows] = torch.stack(chunk_stats)
         else:
-            chunk_lse, chunk_row_grad = lse[rows], row_grad[rows]
+            impl.backward(logits3d, chunk_labels, lse[rows], row_grad[rows].contiguous(), logits3d,
+                          inv_temperature=passes.inv_temperature)
         if grads is not None:
-            # dlogits overwrite the chunk's logits: nothing reads them afterwards.
-            passes.backward_impl(logits3d, chunk_labels, chunk_lse, chunk_row_grad.contiguous(), logits3d,
-                                 inv_temperature=passes.inv_temperature)
-            grads.accumulate(proj, rows, hidden_rows, logits3d[0])
+            grads.accumulate(proj, rows, hidden_rows, proj.chain(logits, tanh))
     return stats
 
 
 # ----------------------------------------------------------------------------------------------------
-# The autograd Function.
+# Custom ops and their autograd formulas.
 # ----------------------------------------------------------------------------------------------------
-class _FusedLinearLogprobLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, aux, adv, passes, reduction, chunk_rows, grad_enabled):
-        proj = _Projection.of(hidden, weight, bias)
+def _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, loss_kind=0, inv_temperature=1.0, param0=0.0,
+           param1=0.0):
+    proj = _Projection(as_rows3d(hidden), weight, bias, logit_scale, logit_softcap)
+    return proj, _LogitsPass(implementation(backend), loss_kind, inv_temperature, param0, param1)
+
+
+@torch.library.custom_op("apa_fast::linear_forward", mutates_args=())
+def _linear_forward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    aux: torch.Tensor, adv: torch.Tensor, denom: torch.Tensor | None, kind: int, inv_temperature: float,
+    param0: float, param1: float, logit_scale: float, logit_softcap: float, reduction: str, chunk_size: int,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, stats, grad_hidden, grad_weight, grad_bias); stats: float32 ``(2, rows)`` lse and dlogp. The
+    gradients (of the output, for an upstream gradient of 1) are computed here for scalar reductions and
+    returned empty otherwise."""
+    proj, passes = _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, kind, inv_temperature, param0,
+                          param1)
+    needed = (need_hidden, need_weight, need_bias)
+    with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
         counted_rows = torch.nonzero(labels >= 0).squeeze(1)  # one host sync: the chunk loop's length
-        count = torch.tensor(counted_rows.numel(), device=labels.device)
-        ctx.reduction = logprob._output_reduction(passes.loss_kind, reduction)
-        needed = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
-        # A scalar output has a scalar upstream gradient: compute the gradients now, scale them in backward.
-        grads_now = ctx.reduction != "none" and any(needed)
-        grads = _Gradients.zeros(proj, labels.numel(), needed) if grads_now else None
-        row_scale = logprob._upstream_scale(ctx.reduction, torch.ones((), device=labels.device), count)
+        chunk_rows = _chunk_rows(chunk_size, hidden.shape[-1], weight.shape[0], hidden.dtype, hidden.device)
+        grads = _Gradients.zeros(proj, labels.numel(), needed) if reduction != "none" and any(needed) else None
+        row_scale = upstream_scale(reduction, torch.ones((), device=hidden.device), denom)
         logp, lse, loss, dlogp = _sweep(proj, passes, labels, counted_rows, chunk_rows, aux=aux, adv=adv,
                                         row_scale=row_scale, grads=grads)
-        output = logprob._reduce(ctx.reduction, logp if passes.loss_kind == LOGPROB else loss, count,
-                                 hidden.shape[:-1])
-
-        ctx.grads = None if grads is None else grads.finished(proj)
-        if grads is None and any(needed):
-            ctx.save_for_backward(hidden, weight, bias, labels, counted_rows, lse, dlogp, count)
-        ctx.passes, ctx.chunk_rows, ctx.hidden_shape, ctx.needed = passes, chunk_rows, hidden.shape, needed
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.grads is not None:
-            grads = ctx.grads.scaled(grad_output.float())
-        else:
-            hidden, weight, bias, labels, counted_rows, lse, dlogp, count = ctx.saved_tensors
-            proj = _Projection.of(hidden, weight, bias)
-            grads = _Gradients.zeros(proj, labels.numel(), ctx.needed)
-            row_grad = dlogp * logprob._upstream_scale(ctx.reduction, grad_output, count)
-            _sweep(proj, ctx.passes, labels, counted_rows, ctx.chunk_rows, lse=lse, row_grad=row_grad, grads=grads)
-            grads = grads.finished(proj)
-        grad_hidden = None if grads.hidden is None else grads.hidden.view(ctx.hidden_shape)
-        return grad_hidden, grads.weight, grads.bias, None, None, None, None, None, None, None
+        # A copy: the per-token output must not share memory with the other outputs (custom-op contract).
+        output = reduce_rows(reduction, (logp if kind == LOGPROB.id else loss).clone(), denom, hidden.shape[:-1])
+        grad_outputs = (grads or _Gradients(None, None, None)).outputs(proj, hidden.shape)
+    return output, torch.stack([lse, dlogp]), *grad_outputs
 
 
-def _fused_linear(loss_kind, hidden, weight, bias, labels, aux, adv, mask, *, temperature, ignore_index,
-                  reduction, chunk_size, backend, param0=0.0, param1=0.0):
-    """Validate, dispatch and apply the Function. ``aux``/``adv`` are None when the loss does not use them."""
+@_linear_forward_op.register_fake
+def _(hidden, weight, bias, labels, aux, adv, denom, kind, inv_temperature, param0, param1, logit_scale,
+      logit_softcap, reduction, chunk_size, backend, need_hidden, need_weight, need_bias):
+    stats = labels.new_empty((2, labels.shape[0]), dtype=torch.float32)
+    output = stats.new_empty(hidden.shape[:-1] if reduction == "none" else ())
+    now = reduction != "none"
+    return (output, stats,
+            hidden.new_empty(hidden.shape if now and need_hidden else (0,)),
+            weight.new_empty(weight.shape if now and need_weight else (0,)),
+            weight.new_empty(weight.shape[:1] if now and need_bias else (0,)))
+
+
+@torch.library.custom_op("apa_fast::linear_backward", mutates_args=())
+def _linear_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor,
+    row_grad: torch.Tensor, inv_temperature: float, logit_scale: float, logit_softcap: float, chunk_size: int,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(row_grad * logp)`` with respect to hidden, weight, bias (empty where not needed)."""
+    proj, passes = _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, inv_temperature=inv_temperature)
+    with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
+        counted_rows = torch.nonzero(labels >= 0).squeeze(1)
+        chunk_rows = _chunk_rows(chunk_size, hidden.shape[-1], weight.shape[0], hidden.dtype, hidden.device)
+        grads = _Gradients.zeros(proj, labels.numel(), (need_hidden, need_weight, need_bias))
+        _sweep(proj, passes, labels, counted_rows, chunk_rows, lse=lse, row_grad=row_grad, grads=grads)
+        return grads.outputs(proj, hidden.shape)
+
+
+@_linear_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, row_grad, inv_temperature, logit_scale, logit_softcap, chunk_size, backend,
+      need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty(weight.shape[:1] if need_bias else (0,)))
+
+
+def _setup_linear(ctx, inputs, output):
+    (hidden, weight, bias, labels, _, _, denom, _, inv_temperature, _, _, logit_scale, logit_softcap, reduction,
+     chunk_size, backend, *needed) = inputs
+    _, stats, *grads = output
+    ctx.mark_non_differentiable(stats, *grads)
+    ctx.needed, ctx.reduction = tuple(needed), reduction
+    ctx.config = (inv_temperature, logit_scale, logit_softcap, chunk_size, backend)
+    ctx.has_denom = denom is not None
+    if reduction != "none":
+        ctx.save_for_backward(*grads)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, stats)
+
+
+def _linear_backward(ctx, grad_output, *unused):
+    if ctx.reduction != "none":
+        grads = ctx.saved_tensors
+        # loss.backward() passes exactly 1: hand over the buffers (no second (V, H) tensor).
+        if torch.compiler.is_compiling() or not bool(grad_output == 1):
+            grads = tuple(g * grad_output.to(g.dtype) for g in grads)
+        grads = tuple(differentiable_once(g) for g in grads)
+    else:
+        hidden, weight, bias, labels, (lse, dlogp) = ctx.saved_tensors
+        grads = _linear_backward_op(hidden, weight, bias, labels, lse, dlogp * grad_output.reshape(-1).float(),
+                                    *ctx.config, *ctx.needed)
+    grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needed, strict=True))
+    return grad_hidden, grad_weight, grad_bias, *([None] * 16)
+
+
+torch.library.register_autograd("apa_fast::linear_forward", _linear_backward, setup_context=_setup_linear)
+torch.library.register_autograd("apa_fast::linear_backward", _not_twice_differentiable,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and dispatch.
+# ----------------------------------------------------------------------------------------------------
+def _fused_linear(kind: LossKind, hidden, weight, bias, labels, aux, adv, mask, *, temperature, ignore_index,
+                  reduction, chunk_size, backend, logit_scale, logit_softcap, hyper=None, normalizer=None):
+    """Validate, cast as F.linear would, dispatch, run. ``aux``/``adv`` are None when ``kind`` reads none."""
     _check_projection(hidden, weight, bias)
-    labels32, aux32, adv32, resolved = logprob._token_inputs(
-        labels, aux, adv, mask, rows_shape=hidden.shape[:-1], vocab=weight.shape[0], device=hidden.device,
-        anchor="hidden", temperature=temperature, ignore_index=ignore_index, reduction=reduction, backend=backend)
-    chunk_rows = _chunk_rows(chunk_size, hidden.shape[-1], weight.shape[0], hidden.dtype, hidden.device)
-    passes = _LogitsPass(*logprob._implementation(resolved), loss_kind, 1.0 / temperature, float(param0),
-                         float(param1))
-    return _FusedLinearLogprobLoss.apply(hidden, weight, bias, labels32, aux32, adv32, passes, reduction, chunk_rows,
-                                         torch.is_grad_enabled())
+    check_temperature(temperature)
+    check_positive("logit_scale", logit_scale)
+    if logit_softcap is not None:
+        check_positive("logit_softcap", logit_softcap)
+    for name, value in (hyper or {}).items():
+        check_positive(name, value)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    rows_shape, device = hidden.shape[:-1], hidden.device
+    normalizer = check_reduction(reduction, normalizer, device)
+    labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=weight.shape[0], device=device,
+                            anchor="hidden")
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, "hidden")
+    adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, "hidden")
+    resolved = _dispatch.pick_loss_backend(backend, device)
+    param0, param1 = kind.kernel_params(**(hyper or {}))
+    reduction = "none" if kind is LOGPROB else reduction
+    denom = denominator(reduction, (labels32 >= 0).sum(), normalizer)
+
+    # The casts are autograd ops: the gradients come back in each input's own dtype.
+    dtype = _projection_dtype(hidden, weight, bias)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    grad_on = torch.is_grad_enabled()
+    needed = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    output, *_ = _linear_forward_op(hidden, weight, bias, labels32, aux32, adv32, denom, kind.id, 1.0 / temperature,
+                                    param0, param1, float(logit_scale), float(logit_softcap or 0.0), reduction,
+                                    chunk_size or 0, resolved, *needed)
+    return output
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,32 +385,35 @@ def _fused_linear(loss_kind, hidden, weight, bias, labels, aux, adv, mask, *, te
 _COMMON_DOC = """
     Shapes and dtypes: ``hidden (..., H)`` float32/bfloat16/float16, any strides (the final hidden states,
     aligned with ``labels``: position i scores ``labels[i]``); ``weight (V, H)`` the lm_head weight and
-    ``bias (V,)`` (optional), both in hidden's dtype and on its device; ``labels (...)`` int64/int32 in
-    ``[0, V)`` or ``ignore_index``; per-token float tensors ``(...)``; ``mask (...)`` bool or 0/1. Same
-    semantics, errors and reductions as `apa_fast.loss` on ``logits = hidden @ weight.T + bias``; the result
-    is float32. Gradients flow to ``hidden``, ``weight`` and ``bias`` in their dtypes. ``chunk_size``: token
-    rows projected at a time (default: from H, V and the free memory). ``backend``: as for `apa_fast.loss`.
-    Under DeepSpeed ZeRO-3 call it (forward and backward) inside
-    ``apa_fast.zero3.gathered(weight, bias, model=engine.module)``."""
+    ``bias (V,)`` (optional), on hidden's device; ``labels (...)``, per-token float tensors and ``mask`` as for
+    `apa_fast.loss` (broadcast from the leading dimensions allowed). The logits are ``z = logit_scale *
+    (hidden @ weight.T + bias)``, soft-capped as ``logit_softcap * tanh(z / logit_softcap)`` when
+    ``logit_softcap`` is set, then divided by ``temperature``. The projection runs in the autocast dtype under
+    ``torch.autocast``, else in the widest dtype of hidden, weight and bias. The result is float32. Gradients
+    flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. ``chunk_size``: token rows projected at a
+    time (default: from H, V and the free memory). ``backend``: as for `apa_fast.loss`. Under DeepSpeed ZeRO-3
+    call it (forward and backward) inside ``apa_fast.zero3.gathered(weight, bias, model=engine.module)``."""
 
 
 def linear_loss(hidden, weight, labels, ref_logprobs, advantages, mask=None, *, bias=None, lam=1.0,
-                temperature=1.0, ignore_index=-100, reduction="mean", chunk_size=None, backend="auto"):
-    """APA loss from hidden states: `apa_fast.loss` of ``hidden @ weight.T + bias`` without the logits tensor.
+                temperature=1.0, logit_scale=1.0, logit_softcap=None, ignore_index=-100, reduction="mean",
+                normalizer=None, chunk_size=None, backend="auto"):
+    """APA loss from hidden states: `apa_fast.loss` of the projected logits without the logits tensor.
 
-    Mean over counted tokens of ``(logp - ref_logprobs - advantages / lam) ** 2``.
+    Mean over counted tokens (or the sum over ``normalizer``) of ``(logp - ref_logprobs - advantages / lam) ** 2``.
     """
-    logprob._check_positive("lam", lam)
-    return _fused_linear(APA, hidden, weight, bias, labels, ("ref_logprobs", ref_logprobs), advantages, mask,
-                         temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                         chunk_size=chunk_size, backend=backend, param0=1.0 / lam)
+    return _fused_linear(APA, hidden, weight, bias, labels, ref_logprobs, advantages, mask, temperature=temperature,
+                         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
+                         logit_scale=logit_scale, logit_softcap=logit_softcap, hyper={"lam": lam},
+                         normalizer=normalizer)
 
 
-def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, chunk_size=None,
-                    backend="auto"):
-    """float32 ``(...)`` ``log_softmax((hidden @ weight.T + bias) / temperature)[label]``, 0 where ignored."""
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, logit_softcap=None,
+                    ignore_index=-100, chunk_size=None, backend="auto"):
+    """float32 ``(...)`` ``log_softmax(logits / temperature)[label]`` of the projected logits, 0 where ignored."""
     return _fused_linear(LOGPROB, hidden, weight, bias, labels, None, None, None, temperature=temperature,
-                         ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, backend=backend)
+                         ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, backend=backend,
+                         logit_scale=logit_scale, logit_softcap=logit_softcap)
 
 
 for _fn in (linear_loss, linear_logprobs):

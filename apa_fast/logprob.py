@@ -1,10 +1,22 @@
-"""Fused token log-probabilities and policy losses: `apa_fast.loss`, `logprobs`, `ppo_loss`, `awr_loss`.
+"""The public log-prob ops: `apa_fast.loss`, `logprobs`, `ppo_loss`, `awr_loss`, `apa_loss_from_logprobs`.
 
-All four are one autograd Function over one kernel family (``apa_fast.kernels.logprob``): the forward
-computes, per token row, the log-softmax of the sampled token with an online log-sum-exp, and a
-loss-specific epilogue; the backward writes ``dlogits`` in one pass from the saved log-sum-exp. Neither
-materialises a float32 ``[tokens x vocab]`` tensor. The ``torch`` backend runs the same algorithm in
-row chunks with PyTorch ops, for CPUs and as a fallback.
+All four logits ops are one kernel family (``apa_fast.kernels.logprob`` on CUDA, ``apa_fast.torch_backend``
+elsewhere) selected by a loss kind of the registry (``apa_fast.kinds``). The forward computes, per token row,
+the log-softmax of the sampled token with an online log-sum-exp, and the kind's epilogue; the gradient is
+written in one pass over the logits. Neither materialises a float32 ``[tokens x vocab]`` tensor.
+
+Two designs of the gradient, the same numbers:
+
+* two kernels (inference, ``reduction="none"``, ``inplace_backward=True``): the forward saves the log-sum-exp,
+  the backward re-reads the logits and writes ``dlogits``;
+* training mode (the logits need a gradient and the loss is reduced to a scalar): one pass computes the loss
+  and writes ``dlogits`` while the row is on chip; the backward returns it, scaled by the upstream gradient.
+  ``APA_FAST_FUSED_GRAD=0`` / ``=1`` forces the two-kernel / training-mode design (default ``auto``: training
+  mode on the Triton backend, two kernels on the torch backend).
+
+The kernels are registered as ``torch.library`` custom ops (``apa_fast::logprob_forward``, ``..._backward``,
+``..._loss_and_grad``, and the value checks of ``apa_fast::token_labels``), with fake kernels and autograd
+formulas, so every op runs under ``torch.compile(fullgraph=True)`` without a graph break.
 
 Equivalent PyTorch code (what `apa_fast.reference.apa_loss` does, with a float32 ``[N x V]`` copy)::
 
@@ -15,271 +27,219 @@ Equivalent PyTorch code (what `apa_fast.reference.apa_loss` does, with a float32
 
 from __future__ import annotations
 
-import math
+import contextlib
+import os
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, torch_backend
+from .kinds import APA, AWR, LOGPROB, PPO, LossKind
+from .rows import as_rows3d, denominator, needs_copy, output_value, reduce_rows, writable_in_place
+from .validation import (
+    check_float_rows,
+    check_positive,
+    check_reduction,
+    check_temperature,
+    per_token_floats,
+    token_labels,
+)
 
-# Epilogue selectors; they match the LOSS constexpr of apa_fast.kernels.logprob.
-LOGPROB, APA, PPO, AWR = 0, 1, 2, 3
-REDUCTIONS = ("mean", "sum", "none")
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The torch backend processes this many bytes of float32 logits at a time.
-TORCH_CHUNK_BYTES = 32 * 2**20
-
-
-# ----------------------------------------------------------------------------------------------------
-# Input checks: every one raises before any kernel runs and names the offending argument.
-# ----------------------------------------------------------------------------------------------------
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_row_tensor(name, tensor, shape, device, *, kind, anchor="logits"):
-    """``anchor``: the argument whose leading dimensions are the token rows (logits, or hidden states)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} ({anchor}.shape[:-1]), got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but {anchor} is on {device}")
-    if kind == "float" and not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    if kind == "int" and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {tensor.dtype}")
-    if kind == "mask" and (tensor.is_floating_point() or tensor.is_complex()):
-        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got {tensor.dtype}")
-
-
-def _check_float_rows(name, tensor, last_dim) -> None:
-    """``tensor`` is a float32/bfloat16/float16 ``(..., last_dim)`` tensor with a non-empty last dimension."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
-    if tensor.dim() < 1 or tensor.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape (..., {last_dim}) with {last_dim} >= 1, got {tuple(tensor.shape)}")
-
-
-def _counted_labels(labels, mask, ignore_index, *, rows_shape, vocab, device, anchor="logits") -> torch.Tensor:
-    """Check labels/mask against ``rows_shape`` token rows of a ``vocab``-way softmax.
-
-    Returns int32 ``(rows,)`` labels, -1 where the row does not count.
-    """
-    _check_row_tensor("labels", labels, rows_shape, device, kind="int", anchor=anchor)
-    if mask is not None:
-        _check_row_tensor("mask", mask, rows_shape, device, kind="mask", anchor=anchor)
-    counted = labels != ignore_index
-    out_of_range = counted & ((labels < 0) | (labels >= vocab))
-    if out_of_range.any():  # one host sync: a wrong label must never become an out-of-bounds read
-        bad = labels[out_of_range][0].item()
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
-    if mask is not None:
-        counted = counted & mask.bool()
-    return torch.where(counted, labels, -1).to(torch.int32).reshape(-1)
-
-
-def _row_floats(name, tensor, rows_shape, device, anchor="logits") -> torch.Tensor:
-    _check_row_tensor(name, tensor, rows_shape, device, kind="float", anchor=anchor)
-    return tensor.detach().to(torch.float32).reshape(-1).contiguous()
-
-
-def _token_inputs(labels, aux, adv, mask, *, rows_shape, vocab, device, anchor, temperature, ignore_index,
-                  reduction, backend):
-    """Check everything but the logits (or hidden states) whose leading dimensions are ``rows_shape``.
-
-    ``aux`` is None or ``(name, tensor)``; ``adv`` None or a tensor. Returns ``(labels32, aux32, adv32,
-    backend)``: int32 labels (-1 where the row does not count), float32 ``(rows,)`` per-token data (empty
-    when not used) and the resolved backend.
-    """
-    _check_positive("temperature", temperature)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    labels32 = _counted_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=vocab, device=device,
-                               anchor=anchor)
-    empty = torch.empty(0, dtype=torch.float32, device=device)
-    aux32 = empty if aux is None else _row_floats(aux[0], aux[1], rows_shape, device, anchor)
-    adv32 = empty if adv is None else _row_floats("advantages", adv, rows_shape, device, anchor)
-    return labels32, aux32, adv32, _dispatch.pick_loss_backend(backend, device)
+FUSED_GRAD_MODES = ("auto", "0", "1")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Row layout: (..., V) as an (outer, inner, V) strided view without copying when the strides allow.
+# Implementations and the design switch.
 # ----------------------------------------------------------------------------------------------------
-def _as_rows3d(logits: torch.Tensor) -> torch.Tensor:
-    """View ``logits (..., V)`` as ``(outer, inner, V)`` sharing its storage, copying only if impossible.
-
-    Leading dimensions merge when their strides nest (size-1 dimensions drop out); a slice such as
-    ``x[:, :-1]`` of a contiguous ``(B, T, V)`` stays two leading dimensions and is not copied. Three or
-    more leading dimensions that cannot merge fall back to one contiguous copy.
-    """
-    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1], strict=True) if size != 1]
-    merged: list[list[int]] = []
-    for size, stride in dims:
-        if merged and merged[-1][1] == stride * size:
-            merged[-1] = [merged[-1][0] * size, stride]
-        else:
-            merged.append([size, stride])
-    vocab, stride_v = logits.shape[-1], logits.stride(-1)
-    if len(merged) > 2 or vocab * max(stride_v, 1) >= 2**31:
-        return _as_rows3d(logits.contiguous())
-    while len(merged) < 2:
-        merged.insert(0, [1, 0])
-    (outer, stride_outer), (inner, stride_inner) = merged
-    return logits.as_strided((outer, inner, vocab), (stride_outer, stride_inner, stride_v))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The torch backend: the same two passes in row chunks with PyTorch ops.
-# ----------------------------------------------------------------------------------------------------
-def _row_chunks(rows3d: torch.Tensor):
-    """Yield ``(first_row, chunk (n, V))`` views covering the rows in order, each at most TORCH_CHUNK_BYTES."""
-    outer, inner, vocab = rows3d.shape
-    step = max(1, TORCH_CHUNK_BYTES // (4 * vocab))
-    for o in range(outer):
-        plane = rows3d[o]
-        for start in range(0, inner, step):
-            yield o * inner + start, plane[start:start + step]
-
-
-def _torch_epilogue(kind, logp, aux, adv, param0, param1):
-    """Per-row (loss, d loss / d logp) in float32; the torch twin of the kernel's epilogue."""
-    if kind == LOGPROB:
-        return torch.zeros_like(logp), torch.ones_like(logp)
-    if kind == APA:
-        residual = logp - aux - adv * param0
-        return residual.square(), 2.0 * residual
-    if kind == PPO:
-        ratio = torch.exp(logp - aux)
-        unclipped = -adv * ratio
-        clipped = -adv * ratio.clamp(1.0 - param0, 1.0 + param0)
-        return torch.maximum(unclipped, clipped), torch.where(unclipped >= clipped, unclipped, 0.0)
-    weight = torch.exp(adv * param0).clamp(max=param1)
-    return -weight * logp, -weight
-
-
-def _scaled_float32(chunk: torch.Tensor, inv_temperature: float, *, copy: bool) -> torch.Tensor:
-    """``chunk / temperature`` in float32; a fresh buffer when ``copy`` (else possibly ``chunk`` itself)."""
-    scaled = chunk.to(torch.float32, copy=copy)
-    return scaled.mul_(inv_temperature) if inv_temperature != 1.0 else scaled
-
-
-def _torch_forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
-    counted = labels >= 0
-    safe_labels = torch.where(counted, labels, 0).long()
-    lse = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
-    target = torch.empty_like(lse)
-    for first, chunk in _row_chunks(rows3d):
-        rows = slice(first, first + chunk.shape[0])
-        scaled = _scaled_float32(chunk, inv_temperature, copy=inv_temperature != 1.0)
-        lse[rows] = torch.logsumexp(scaled, dim=-1)
-        target[rows] = scaled.gather(-1, safe_labels[rows, None])[:, 0]
-    logp = torch.where(counted, target - lse, 0.0)
-    loss, dlogp = _torch_epilogue(loss_kind, logp, aux, adv, param0, param1)
-    zero = torch.zeros((), device=logp.device)
-    return logp, torch.where(counted, lse, zero), torch.where(counted, loss, zero), torch.where(counted, dlogp, zero)
-
-
-def _torch_backward(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
-    counted = labels >= 0
-    safe_labels = torch.where(counted, labels, 0).long()
-    scale = row_grad * inv_temperature
-    # Rows that do not count (saved lse 0, scale 0) subtract +inf: softmax 0, never exp() overflow into 0 * inf.
-    shift = torch.where(counted, lse, float("inf"))
-    out_chunks = (chunk for _, chunk in _row_chunks(out3d))
-    for (first, chunk), out in zip(_row_chunks(rows3d), out_chunks, strict=True):
-        rows = slice(first, first + chunk.shape[0])
-        # One float32 buffer per chunk, updated in place: softmax, times -scale, plus scale at the label.
-        grad = _scaled_float32(chunk, inv_temperature, copy=True)
-        grad.sub_(shift[rows, None]).exp_().mul_(-scale[rows, None])
-        grad.scatter_add_(-1, safe_labels[rows, None], scale[rows, None])
-        out.copy_(grad)
-    return out3d
-
-
-def _implementation(backend: str):
+def implementation(backend: str):
+    """The module holding ``forward``, ``backward`` and ``forward_grad`` for a resolved backend."""
     if backend == "triton":
         from .kernels import logprob as kernels  # triton imports only when the fused kernels run
 
-        return kernels.forward, kernels.backward
-    return _torch_forward, _torch_backward
+        return kernels
+    return torch_backend
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU, whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def fused_grad_wanted(backend: str) -> bool:
+    """Whether training mode runs where it applies: ``APA_FAST_FUSED_GRAD`` (auto, 0, 1), read at call time."""
+    mode = os.environ.get("APA_FAST_FUSED_GRAD", "auto") or "auto"
+    if mode not in FUSED_GRAD_MODES:
+        raise ValueError(f"APA_FAST_FUSED_GRAD must be one of {FUSED_GRAD_MODES}, got {mode!r}")
+    if mode == "auto":
+        return backend == "triton" and hasattr(implementation(backend), "forward_grad")
+    return mode == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reductions: shared with the fused linear ops (apa_fast.linear).
+# Custom ops. Per-token tensors are flat float32/int32 (rows,); labels < 0 mark rows that do not count.
 # ----------------------------------------------------------------------------------------------------
-def _output_reduction(loss_kind, reduction) -> str:
-    """The reduction actually applied: log-probs are always per token."""
-    return "none" if loss_kind == LOGPROB else reduction
+@torch.library.custom_op("apa_fast::logprob_forward", mutates_args=())
+def _forward_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor, adv: torch.Tensor, kind: int,
+                inv_temperature: float, param0: float, param1: float, backend: str,
+                inplace_backward: bool) -> torch.Tensor:
+    """float32 ``(4, rows)``: logp, lse, loss, dlogp. ``inplace_backward`` is read by the backward only."""
+    with device_guard(logits.device):
+        return torch.stack(implementation(backend).forward(
+            as_rows3d(logits), labels, aux, adv, loss_kind=kind, inv_temperature=inv_temperature, param0=param0,
+            param1=param1))
 
 
-def _reduce(reduction, per_row, count, rows_shape) -> torch.Tensor:
-    """float32 ``per_row (rows,)`` reduced over the ``count`` counted rows (0 elsewhere), or shaped ``rows_shape``."""
-    if reduction == "none":
-        return per_row.reshape(rows_shape)
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.sum() / count.clamp(min=1)
+@_forward_op.register_fake
+def _(logits, labels, aux, adv, kind, inv_temperature, param0, param1, backend, inplace_backward):
+    return labels.new_empty((4, labels.shape[0]), dtype=torch.float32)
 
 
-def _upstream_scale(reduction, grad_output, count) -> torch.Tensor:
-    """float32 d(objective)/d(per-row value): a scalar for "sum"/"mean", a ``(rows,)`` tensor for "none"."""
-    grad_output = grad_output.float()
-    if reduction == "none":
-        return grad_output.reshape(-1)
-    if reduction == "sum":
-        return grad_output
-    return grad_output / count.clamp(min=1)
+@torch.library.custom_op("apa_fast::logprob_backward", mutates_args=())
+def _backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, row_grad: torch.Tensor,
+                 inv_temperature: float, backend: str) -> torch.Tensor:
+    """``dlogits`` of ``sum(row_grad * logp)``, a new tensor of the logits' shape and dtype (contiguous)."""
+    rows3d = as_rows3d(logits)
+    out3d = torch.empty(rows3d.shape, dtype=logits.dtype, device=logits.device)
+    with device_guard(logits.device):
+        implementation(backend).backward(rows3d, labels, lse, row_grad, out3d, inv_temperature=inv_temperature)
+    # Rows enumerate the leading dimensions in order, so the contiguous buffer views back as logits.shape.
+    return out3d.view(logits.shape)
+
+
+@_backward_op.register_fake
+def _(logits, labels, lse, row_grad, inv_temperature, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("apa_fast::logprob_backward_", mutates_args=("logits",))
+def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, row_grad: torch.Tensor,
+                         inv_temperature: float, backend: str) -> None:
+    """`_backward_op` written over ``logits`` (which must not overlap itself nor need a copy to be read)."""
+    rows3d = as_rows3d(logits)
+    with device_guard(logits.device):
+        implementation(backend).backward(rows3d, labels, lse, row_grad, rows3d, inv_temperature=inv_temperature)
+
+
+@torch.library.custom_op("apa_fast::logprob_loss_and_grad", mutates_args=())
+def _loss_and_grad_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor, adv: torch.Tensor,
+                      denom: torch.Tensor | None, kind: int, inv_temperature: float, param0: float, param1: float,
+                      reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training mode: (the reduced float32 loss, its gradient with respect to ``logits``) in one pass."""
+    rows3d = as_rows3d(logits)
+    out3d = torch.empty(rows3d.shape, dtype=logits.dtype, device=logits.device)
+    row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    row_scale = row_scale / denom if reduction == "mean" else row_scale
+    with device_guard(logits.device):
+        logp, _, loss, _ = implementation(backend).forward_grad(
+            rows3d, labels, aux, adv, out3d, row_scale, loss_kind=kind, inv_temperature=inv_temperature,
+            param0=param0, param1=param1)
+    return reduce_rows(reduction, output_value(kind, logp, loss), denom, ()), out3d.view(logits.shape)
+
+
+@_loss_and_grad_op.register_fake
+def _(logits, labels, aux, adv, denom, kind, inv_temperature, param0, param1, reduction, backend):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The autograd Function shared by every public op.
+# Autograd formulas. The ops are differentiable once; differentiating a gradient raises.
 # ----------------------------------------------------------------------------------------------------
-class _FusedLogprobLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, aux, adv, loss_kind, inv_temperature, param0, param1, reduction,
-                backend, inplace_backward):
-        forward_impl, backward_impl = _implementation(backend)
-        rows3d = _as_rows3d(logits.detach())
-        logp, lse, loss, dlogp = forward_impl(rows3d, labels, aux, adv, loss_kind=loss_kind,
-                                              inv_temperature=inv_temperature, param0=param0, param1=param1)
-        count = (labels >= 0).sum()
-        ctx.reduction = _output_reduction(loss_kind, reduction)
-        output = _reduce(ctx.reduction, logp if loss_kind == LOGPROB else loss, count, logits.shape[:-1])
+def _setup_forward(ctx, inputs, output):
+    logits, labels, _, _, _, inv_temperature, _, _, backend, inplace_backward = inputs
+    ctx.save_for_backward(logits, labels, output[1], output[3])
+    ctx.inv_temperature, ctx.backend, ctx.inplace_backward = inv_temperature, backend, inplace_backward
 
-        ctx.save_for_backward(logits, labels, lse, dlogp, count)
-        ctx.backward_impl = backward_impl
-        ctx.inv_temperature = inv_temperature
-        ctx.inplace_backward = inplace_backward
+
+def _forward_backward(ctx, grad_stats):
+    logits, labels, lse, dlogp = ctx.saved_tensors
+    # Only logp (row 0) and loss (row 2) are outputs of the public ops; lse and dlogp are not differentiated.
+    row_grad = (grad_stats[2] * dlogp + grad_stats[0]).contiguous()
+    if ctx.inplace_backward and not torch.compiler.is_compiling():
+        # The logits buffer receives its own gradient: declared as a mutation (it bumps the version counter, so a
+        # later reader of the saved logits fails loudly instead of reading the gradient).
+        target = logits.detach()
+        _backward_inplace_op(target, labels, lse, row_grad, ctx.inv_temperature, ctx.backend)
+        return target, None, None, None, None, None, None, None, None, None
+    return (_backward_op(logits, labels, lse, row_grad, ctx.inv_temperature, ctx.backend),
+            None, None, None, None, None, None, None, None, None)
+
+
+def _setup_loss_and_grad(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _loss_and_grad_backward(ctx, grad_output, grad_grad):
+    (grad,) = ctx.saved_tensors
+    # loss.backward() passes exactly 1: hand over the buffer (no second logits-sized tensor).
+    if torch.compiler.is_compiling() or not bool(grad_output == 1):
+        grad = grad * grad_output.to(grad.dtype)
+    return differentiable_once(grad), None, None, None, None, None, None, None, None, None, None
+
+
+def differentiable_once(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` itself; under ``create_graph=True``, a copy whose own gradient raises (a precomputed gradient
+    carries no graph, so a penalty built on it would otherwise be silently constant)."""
+    if not torch.is_grad_enabled():
+        return grad
+    # The anchor requires grad so that the copy is part of the graph and its backward (which raises) is reached.
+    return _once_op(grad, torch.zeros((), device=grad.device, requires_grad=True))
+
+
+@torch.library.custom_op("apa_fast::differentiable_once", mutates_args=())
+def _once_op(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    return grad.clone()
+
+
+@_once_op.register_fake
+def _(grad, anchor):
+    return torch.empty_like(grad)
+
+
+def _not_twice_differentiable(*_):
+    raise RuntimeError("apa_fast ops are differentiable once: the gradient of their gradient (double backward, "
+                       "e.g. a gradient penalty through torch.autograd.grad(create_graph=True)) is not supported")
+
+
+torch.library.register_autograd("apa_fast::logprob_forward", _forward_backward, setup_context=_setup_forward)
+torch.library.register_autograd("apa_fast::logprob_loss_and_grad", _loss_and_grad_backward,
+                                setup_context=_setup_loss_and_grad)
+for _name in ("apa_fast::logprob_backward", "apa_fast::differentiable_once"):
+    torch.library.register_autograd(_name, _not_twice_differentiable, setup_context=lambda ctx, inputs, output: None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and dispatch shared by the four logits ops.
+# ----------------------------------------------------------------------------------------------------
+def _fused(kind: LossKind, logits, labels, aux, adv, mask, *, temperature, ignore_index, reduction, backend,
+           hyper=None, normalizer=None, inplace_backward=False):
+    """Validate, dispatch, run. ``aux``/``adv`` are None when ``kind`` does not read them."""
+    check_float_rows("logits", logits, "V")
+    check_temperature(temperature)
+    for name, value in (hyper or {}).items():
+        check_positive(name, value)
+    rows_shape, device = logits.shape[:-1], logits.device
+    normalizer = check_reduction(reduction, normalizer, device)
+    labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=logits.shape[-1],
+                            device=device, anchor="logits")
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, "logits")
+    adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, "logits")
+    resolved = _dispatch.pick_loss_backend(backend, device)
+    param0, param1 = kind.kernel_params(**(hyper or {}))
+    inv_temperature = 1.0 / temperature
+    reduction = "none" if kind is LOGPROB else reduction
+    denom = denominator(reduction, (labels32 >= 0).sum(), normalizer)
+
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_backward and (needs_copy(logits) or not writable_in_place(logits)):
+        inplace_backward = False  # the gradient goes to a new buffer when it cannot land in the logits' own memory
+    if needs_grad and reduction != "none" and not inplace_backward and fused_grad_wanted(resolved):
+        output, _ = _loss_and_grad_op(logits, labels32, aux32, adv32, denom, kind.id, inv_temperature, param0, param1,
+                                      reduction, resolved)
         return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        logits, labels, lse, dlogp, count = ctx.saved_tensors
-        row_grad = dlogp * _upstream_scale(ctx.reduction, grad_output, count)
-        rows3d = _as_rows3d(logits.detach())
-        if ctx.inplace_backward:
-            grad_logits, out3d = logits.detach(), rows3d
-        else:
-            # Same (outer, inner) row decomposition as the logits, contiguous; rows enumerate the leading
-            # dimensions in order, so the buffer views back as logits.shape.
-            out3d = torch.empty(rows3d.shape, dtype=logits.dtype, device=logits.device)
-            grad_logits = out3d.view(logits.shape)
-        ctx.backward_impl(rows3d, labels, lse, row_grad.contiguous(), out3d, inv_temperature=ctx.inv_temperature)
-        return grad_logits, None, None, None, None, None, None, None, None, None, None
-
-
-def _fused(loss_kind, logits, labels, aux, adv, mask, *, temperature, ignore_index, reduction, backend,
-           param0=0.0, param1=0.0, inplace_backward=False):
-    """Validate, dispatch and apply the Function. ``aux``/``adv`` are None when the loss does not use them."""
-    _check_float_rows("logits", logits, "V")
-    labels32, aux32, adv32, resolved = _token_inputs(
-        labels, aux, adv, mask, rows_shape=logits.shape[:-1], vocab=logits.shape[-1], device=logits.device,
-        anchor="logits", temperature=temperature, ignore_index=ignore_index, reduction=reduction, backend=backend)
-    return _FusedLogprobLoss.apply(logits, labels32, aux32, adv32, loss_kind, 1.0 / temperature,
-                                   float(param0), float(param1), reduction, resolved, inplace_backward)
+    logp, _, loss, _ = _forward_op(logits, labels32, aux32, adv32, kind.id, inv_temperature, param0, param1, resolved,
+                                   bool(inplace_backward)).unbind()
+    return reduce_rows(reduction, output_value(kind.id, logp, loss), denom, rows_shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,48 +248,51 @@ def _fused(loss_kind, logits, labels, aux, adv, mask, *, temperature, ignore_ind
 _COMMON_DOC = """
     Shapes and dtypes: ``logits (..., V)`` float32/bfloat16/float16, any strides, aligned with ``labels``
     (position i scores ``labels[i]``: pass ``logits[:, :-1]`` with ``input_ids[:, 1:]`` for a causal LM);
-    ``labels (...)`` int64/int32 in ``[0, V)`` or ``ignore_index``; per-token float tensors ``(...)``;
-    ``mask (...)`` bool or 0/1, the response tokens. A token counts when its label is not ``ignore_index``
-    and its mask is set. ``reduction``: "mean" (over counted tokens; 0 when none count), "sum", or "none"
-    (a float32 ``(...)`` tensor, 0 where not counted). The result is float32. Gradients flow to ``logits``
-    only, in the logits' dtype. ``backend``: "auto" (Triton on CUDA, the chunked torch path on CPU),
+    ``labels (...)`` integer (int64, int32, int16, int8, uint8) in ``[0, V)`` or ``ignore_index`` where the
+    token counts (anything where it does not); per-token float tensors ``(...)`` or broadcast from the leading
+    dimensions (``(B,)`` or ``(B, 1)`` for ``(B, T)`` tokens: one value per sequence); ``mask (...)`` bool, or
+    0/1 integers or floats: the response tokens. A token counts when its label is not ``ignore_index`` and its
+    mask is set. ``reduction``: "mean" (over counted tokens, 0 when none count; with ``normalizer`` the sum
+    divided by it), "sum", or "none" (a float32 ``(...)`` tensor, 0 where not counted). ``normalizer``: a number
+    or 0-dim tensor, the token count of the whole batch when the loss of a micro-batch or rank is one part of
+    it (gradient accumulation, data parallelism): the parts then add up to the global token mean. The result is
+    float32. Gradients flow to ``logits`` only, in the logits' dtype; the ops are differentiable once.
+    ``temperature`` in [1e-6, 1e6]. ``backend``: "auto" (Triton on CUDA, the chunked torch path on CPU),
     "triton" or "torch". ``inplace_backward=True`` writes the gradient into the logits buffer (saving one
-    logits-sized allocation); use it only when nothing reads the logits after the loss."""
+    logits-sized allocation; the gradient goes to a new buffer when the logits' memory overlaps itself or had
+    to be copied); use it only when nothing reads the logits after the loss."""
 
 
 def loss(logits, labels, ref_logprobs, advantages, mask=None, *, lam=1.0, temperature=1.0, ignore_index=-100,
-         reduction="mean", backend="auto", inplace_backward=False):
+         reduction="mean", normalizer=None, backend="auto", inplace_backward=False):
     """APA loss: mean over counted tokens of ``(logp - ref_logprobs - advantages / lam) ** 2``.
 
     ``logp = log_softmax(logits / temperature)[label]``; ``ref_logprobs`` is log pi_init(label) of the
-    frozen initial policy; ``advantages`` are GAE advantages under the sampling policy.
+    frozen initial policy (computed at the same temperature); ``advantages`` are GAE advantages under the
+    sampling policy.
     """
-    _check_positive("lam", lam)
-    return _fused(APA, logits, labels, ("ref_logprobs", ref_logprobs), advantages, mask, temperature=temperature,
-                  ignore_index=ignore_index, reduction=reduction, backend=backend, param0=1.0 / lam,
-                  inplace_backward=inplace_backward)
+    return _fused(APA, logits, labels, ref_logprobs, advantages, mask, temperature=temperature,
+                  ignore_index=ignore_index, reduction=reduction, backend=backend, hyper={"lam": lam},
+                  normalizer=normalizer, inplace_backward=inplace_backward)
 
 
 def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, clip_eps=0.2, temperature=1.0,
-             ignore_index=-100, reduction="mean", backend="auto", inplace_backward=False):
+             ignore_index=-100, reduction="mean", normalizer=None, backend="auto", inplace_backward=False):
     """PPO clipped surrogate: ``max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))``.
 
     ``ratio = exp(logp - old_logprobs)`` with ``old_logprobs`` from the sampling policy.
     """
-    _check_positive("clip_eps", clip_eps)
-    return _fused(PPO, logits, labels, ("old_logprobs", old_logprobs), advantages, mask, temperature=temperature,
-                  ignore_index=ignore_index, reduction=reduction, backend=backend, param0=clip_eps,
-                  inplace_backward=inplace_backward)
+    return _fused(PPO, logits, labels, old_logprobs, advantages, mask, temperature=temperature,
+                  ignore_index=ignore_index, reduction=reduction, backend=backend, hyper={"clip_eps": clip_eps},
+                  normalizer=normalizer, inplace_backward=inplace_backward)
 
 
 def awr_loss(logits, labels, advantages, mask=None, *, lam=1.0, max_weight=20.0, temperature=1.0,
-             ignore_index=-100, reduction="mean", backend="auto", inplace_backward=False):
+             ignore_index=-100, reduction="mean", normalizer=None, backend="auto", inplace_backward=False):
     """AWR: ``-min(exp(advantages / lam), max_weight) * logp`` (the weight is data, not differentiated)."""
-    _check_positive("lam", lam)
-    _check_positive("max_weight", max_weight)
     return _fused(AWR, logits, labels, None, advantages, mask, temperature=temperature, ignore_index=ignore_index,
-                  reduction=reduction, backend=backend, param0=1.0 / lam, param1=max_weight,
-                  inplace_backward=inplace_backward)
+                  reduction=reduction, backend=backend, hyper={"lam": lam, "max_weight": max_weight},
+                  normalizer=normalizer, inplace_backward=inplace_backward)
 
 
 def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, backend="auto"):
@@ -343,3 +306,28 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, backend="aut
 
 for _fn in (loss, ppo_loss, awr_loss, logprobs):
     _fn.__doc__ += _COMMON_DOC
+
+
+def apa_loss_from_logprobs(logprobs, ref_logprobs, advantages, mask=None, *, lam=1.0, reduction="mean",
+                           normalizer=None):
+    """The APA loss on log-probs a framework already computed (verl, OpenRLHF): plain PyTorch, not fused.
+
+    ``logprobs (...)`` float, the policy's token log-probs (differentiable); ``ref_logprobs`` and ``advantages``
+    of its shape or broadcast from its leading dimensions; ``mask`` bool or 0/1 of its shape. Returns float32:
+    the mean (or ``sum / normalizer``), the sum, or the ``(...)`` per-token terms (0 where masked out) of
+    ``(logprobs - ref_logprobs - advantages / lam) ** 2``.
+    """
+    if not isinstance(logprobs, torch.Tensor) or not logprobs.is_floating_point():
+        raise TypeError(f"logprobs must be a floating-point torch.Tensor, got {getattr(logprobs, 'dtype', logprobs)}")
+    check_positive("lam", lam)
+    rows_shape, device = logprobs.shape, logprobs.device
+    normalizer = check_reduction(reduction, normalizer, device)
+    ref = per_token_floats("ref_logprobs", ref_logprobs, rows_shape, device, "logprobs").view(rows_shape)
+    adv = per_token_floats("advantages", advantages, rows_shape, device, "logprobs").view(rows_shape)
+    counted = torch.ones(rows_shape, dtype=torch.bool, device=device)
+    if mask is not None:
+        labels = token_labels(torch.zeros(rows_shape, dtype=torch.int32, device=device), mask, -100,
+                              rows_shape=rows_shape, vocab=1, device=device, anchor="logprobs")
+        counted = (labels >= 0).view(rows_shape)
+    terms = torch.where(counted, (logprobs.float() - ref - adv / lam).square(), 0.0)
+    return reduce_rows(reduction, terms.reshape(-1), denominator(reduction, counted.sum(), normalizer), rows_shape)

@@ -1,8 +1,9 @@
 """The unfused PyTorch versions of every op: plain code, written the way a trainer writes it today.
 
 They are the benchmark baseline (`torch` provider) and the test oracle's sibling (the tests run them in
-float64). They materialise the float32 ``[tokens x vocab]`` log-softmax and its gradient; the fused paths
-in `apa_fast.loss` compute the same numbers without doing so.
+float64); the per-token formulas are the registry's (`apa_fast.kinds`), written there once. They materialise
+the float32 ``[tokens x vocab]`` log-softmax and its gradient; the fused paths in `apa_fast.loss` compute the
+same numbers without doing so.
 
 Shapes: ``logits (..., V)``; ``labels``, ``mask``, ``ref_logprobs``, ``old_logprobs``, ``advantages`` ``(...)``.
 """
@@ -10,6 +11,8 @@ Shapes: ``logits (..., V)``; ``labels``, ``mask``, ``ref_logprobs``, ``old_logpr
 from __future__ import annotations
 
 import torch
+
+from . import kinds
 
 
 def _counted(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
@@ -37,33 +40,32 @@ def _reduce(per_token, valid, reduction):
     return total / valid.sum().clamp(min=1)
 
 
+def _kind_loss(kind, logits, labels, aux, advantages, mask, *, temperature, ignore_index, reduction, **hyper):
+    valid = _counted(labels, mask, ignore_index)
+    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    aux = None if aux is None else aux.float()
+    return _reduce(kind.reference(logp, aux, advantages.float(), **hyper), valid, reduction)
+
+
 def apa_loss(logits, labels, ref_logprobs, advantages, mask=None, *, lam=1.0, temperature=1.0,
              ignore_index=-100, reduction="mean"):
     """APA: ``(logp - ref_logprobs - advantages / lam) ** 2`` over counted tokens."""
-    valid = _counted(labels, mask, ignore_index)
-    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
-    residual = logp - ref_logprobs.float() - advantages.float() / lam
-    return _reduce(residual.square(), valid, reduction)
+    return _kind_loss(kinds.APA, logits, labels, ref_logprobs, advantages, mask, temperature=temperature,
+                      ignore_index=ignore_index, reduction=reduction, lam=lam)
 
 
 def ppo_loss(logits, labels, old_logprobs, advantages, mask=None, *, clip_eps=0.2, temperature=1.0,
              ignore_index=-100, reduction="mean"):
     """PPO's clipped surrogate: ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``, ratio to the sampler."""
-    valid = _counted(labels, mask, ignore_index)
-    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
-    ratio = torch.exp(logp - old_logprobs.float())
-    adv = advantages.float()
-    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps))
-    return _reduce(surrogate, valid, reduction)
+    return _kind_loss(kinds.PPO, logits, labels, old_logprobs, advantages, mask, temperature=temperature,
+                      ignore_index=ignore_index, reduction=reduction, clip_eps=clip_eps)
 
 
 def awr_loss(logits, labels, advantages, mask=None, *, lam=1.0, max_weight=20.0, temperature=1.0,
              ignore_index=-100, reduction="mean"):
     """AWR: ``-min(exp(advantages / lam), max_weight) * logp`` (the weight is data, not differentiated)."""
-    valid = _counted(labels, mask, ignore_index)
-    logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
-    weight = torch.exp(advantages.float() / lam).clamp(max=max_weight)
-    return _reduce(-weight * logp, valid, reduction)
+    return _kind_loss(kinds.AWR, logits, labels, None, advantages, mask, temperature=temperature,
+                      ignore_index=ignore_index, reduction=reduction, lam=lam, max_weight=max_weight)
 
 
 def gae_loop(rewards, values, mask=None, *, gamma, lam):

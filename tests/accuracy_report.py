@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from test_logprob import KINDS, make_inputs, oracle, run_fused  # noqa: E402
+from oracles import KINDS, make_inputs, oracle, run_fused  # noqa: E402
 
 
 def main():

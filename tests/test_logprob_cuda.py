@@ -6,7 +6,7 @@ Run on a GPU machine with TRITON_INTERPRET=0 (benchmarks/gpu_run.sh does): `pyte
 import pytest
 import torch
 from conftest import assert_close_rel
-from test_logprob import KINDS, TOLERANCES, make_inputs, oracle, run_fused
+from oracles import KINDS, TOLERANCES, make_inputs, oracle, run_fused
 
 import apa_fast
 

@@ -3,7 +3,7 @@ and the policy losses (fused and unfused backends) against float64 references.""
 
 import pytest
 import torch
-from test_logprob import oracle
+from oracles import oracle
 
 from apa_fast.train.config import TrainConfig
 from apa_fast.train.models import ActorCritic, position_ids, tiny_policy, train_tokenizer

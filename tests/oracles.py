@@ -1,0 +1,119 @@
+"""Float64 oracles and random inputs shared by the tests of every op (and by the GPU tests and reports).
+
+Tolerances (relative L2 error against float64 on the same inputs, see `TOLERANCES`):
+- values are computed with float32 accumulation whatever the logits' dtype: 2e-5 for every dtype;
+- gradients are written in the logits' dtype: float32 2e-5; bfloat16 8e-3 (its 8-bit mantissa rounds each
+  element by up to 2**-9 relative); float16 1e-3 (11-bit mantissa).
+"""
+
+import torch
+from conftest import assert_close_rel
+
+import apa_fast
+from apa_fast.kinds import BY_NAME
+from apa_fast.kinds import KINDS as LOSS_KINDS
+
+KINDS = [kind.name for kind in LOSS_KINDS]
+TOLERANCES = {  # dtype: (value tolerance, gradient tolerance)
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 8e-3),
+    torch.float16: (2e-5, 1e-3),
+}
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------------
+# The float64 oracle of the logits ops.
+# ----------------------------------------------------------------------------------------------------
+def per_token64(tensor, rows_shape):
+    """float64 ``tensor`` broadcast to the token shape from its leading dimensions ((B,) -> (B, T))."""
+    tensor = tensor.double()
+    return tensor.reshape(tuple(tensor.shape) + (1,) * (len(rows_shape) - tensor.dim())).expand(rows_shape)
+
+
+def oracle(kind, logits, labels, aux, adv, mask, *, lam=1.0, clip_eps=0.2, max_weight=20.0, temperature=1.0,
+           reduction="mean", weights=None, normalizer=None):
+    """(value, dlogits) in float64: autograd through the registry's textbook formula (`LossKind.reference`),
+    never through the kernels' hand-written derivatives. ``weights`` turn a per-token output into a scalar."""
+    x = logits.detach().double().requires_grad_()
+    counted = labels.long() != IGNORE
+    if mask is not None:
+        counted = counted & (mask != 0)
+    scaled = x / temperature
+    lse = scaled.exp().sum(-1).log() if scaled.abs().max() < 300 else torch.logsumexp(scaled, -1)
+    target = scaled.gather(-1, torch.where(counted, labels.long(), 0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(counted, target - lse, 0.0)
+    spec = BY_NAME[kind]
+    hyper = {name: {"lam": lam, "clip_eps": clip_eps, "max_weight": max_weight}[name] for name in spec.hyper}
+    aux64 = None if spec.aux is None else per_token64(aux, logp.shape)
+    adv64 = per_token64(adv, logp.shape) if spec.reads_advantages else None
+    per_token = torch.where(counted, spec.reference(logp, aux64, adv64, **hyper), 0.0)
+    if kind == "logprobs" or reduction == "none":
+        out = per_token
+    elif reduction == "sum":
+        out = per_token.sum()
+    else:
+        out = per_token.sum() / (counted.sum().clamp(min=1) if normalizer is None else normalizer)
+    scalar = out if out.dim() == 0 else (out * weights.double()).sum()
+    scalar.backward()
+    return out.detach(), x.grad
+
+
+def run_fused(kind, backend, logits, labels, aux, adv, mask, *, lam=1.0, temperature=1.0, reduction="mean",
+              weights=None, inplace_backward=False, normalizer=None):
+    """(value, dlogits) of the library op."""
+    x = logits.detach().clone().requires_grad_()
+    common = dict(temperature=temperature, ignore_index=IGNORE, backend=backend)
+    if kind == "logprobs":
+        out = apa_fast.logprobs(x, labels, **common)
+    else:
+        common.update(reduction=reduction, inplace_backward=inplace_backward, normalizer=normalizer)
+        if kind == "apa":
+            out = apa_fast.loss(x, labels, aux, adv, mask, lam=lam, **common)
+        elif kind == "ppo":
+            out = apa_fast.ppo_loss(x, labels, aux, adv, mask, **common)
+        else:
+            out = apa_fast.awr_loss(x, labels, adv, mask, lam=lam, **common)
+    scalar = out if out.dim() == 0 else (out * weights).sum()
+    scalar.backward()
+    return out.detach(), x.grad
+
+
+def make_token_data(rows_shape, vocab, *, ignore_frac=0.15, mask_frac=0.25):
+    """Labels with some ignore_index, per-token data, a mask with holes, random output weights."""
+    labels = torch.randint(0, vocab, rows_shape)
+    labels[torch.rand(rows_shape) < ignore_frac] = IGNORE
+    mask = torch.rand(rows_shape) >= mask_frac
+    # aux: near the log-probs so that PPO ratios fall on both sides of the clip range.
+    aux = -torch.rand(rows_shape) * 2 - torch.log(torch.tensor(float(vocab)))
+    adv = torch.randn(rows_shape)
+    weights = torch.randn(rows_shape)
+    return labels, aux, adv, mask, weights
+
+
+def make_inputs(rows_shape, vocab, *, dtype=torch.float32, scale=3.0, ignore_frac=0.15, mask_frac=0.25):
+    """Random logits (never zeros) and the token data of `make_token_data`."""
+    logits = (torch.randn(*rows_shape, vocab) * scale).to(dtype)
+    return logits, *make_token_data(rows_shape, vocab, ignore_frac=ignore_frac, mask_frac=mask_frac)
+
+
+def check(kind, backend, logits, labels, aux, adv, mask, weights, *, what, **kwargs):
+    dtype = logits.dtype
+    value_tol, grad_tol = TOLERANCES[dtype]
+    ref_mask = None if kind == "logprobs" else mask
+    want_value, want_grad = oracle(kind, logits, labels, aux, adv, ref_mask, weights=weights, **kwargs)
+    got_value, got_grad = run_fused(kind, backend, logits, labels, aux, adv, ref_mask, weights=weights, **kwargs)
+    assert got_value.dtype == torch.float32
+    assert got_grad.dtype == dtype and got_grad.shape == logits.shape
+    scale = 0.0
+    if want_value.dim() == 0:
+        # A reduced loss is a sum of terms that may cancel: compare relative to the same reduction of |terms|.
+        terms, _ = oracle(kind, logits, labels, aux, adv, ref_mask, weights=weights, **{**kwargs, "reduction": "none"})
+        scale = terms.abs().sum().item()
+        if kwargs.get("reduction", "mean") == "mean":
+            scale /= kwargs.get("normalizer") or max(int((terms != 0).sum()), 1)
+    assert_close_rel(got_value, want_value, value_tol, f"{what} value", scale=scale)
+    assert_close_rel(got_grad, want_grad, grad_tol, f"{what} grad")
+    return got_value, got_grad, want_value, want_grad
+
+
