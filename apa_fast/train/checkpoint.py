@@ -6,7 +6,7 @@ Layout of ``DIR/checkpoints/step_000050/``::
     critic.safetensors      critic trunk (when not shared) and value head
     optim_rank{r}.safetensors   this rank's fp32 master weights (its ZeRO partition) and their Adam moments
     rng_rank{r}.safetensors     this rank's torch / CUDA / Python RNG states
-    trainer_state.json      step, data position, world size, ZeRO stage, the config
+    trainer_state.json      step, data position, world size, ZeRO stage, PPO's KL coefficient, the config
 
 A checkpoint is written into ``.tmp-step_N`` and renamed when complete, then ``latest`` (a one-line file,
 itself replaced atomically) points at it: a crash while saving leaves the previous checkpoint in force.
@@ -162,8 +162,11 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, data_position: int, cfg: TrainConfig,
-                    rank: int, world_size: int, zero_stage: int) -> Path:
-    """Write the checkpoint of ``step`` (all ranks call this) and point ``latest`` at it; returns its path."""
+                    rank: int, world_size: int, zero_stage: int, kl_coef: float | None = None) -> Path:
+    """Write the checkpoint of ``step`` (all ranks call this) and point ``latest`` at it; returns its path.
+
+    ``kl_coef``: PPO's current KL coefficient (it adapts with ``ppo_adaptive_kl``), restored on resume.
+    """
     root = checkpoints_dir(run_dir)
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -181,7 +184,7 @@ def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, data_posi
         critic_state = {k: v.contiguous() for k, v in state.items() if not k.startswith("policy.")}
         save_file(critic_state, str(tmp / "critic.safetensors"))
         trainer_state = {"step": step, "data_position": data_position, "world_size": world_size,
-                         "zero_stage": zero_stage, "config": config_dict(cfg)}
+                         "zero_stage": zero_stage, "kl_coef": kl_coef, "config": config_dict(cfg)}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     save_state(optimizer_state(engine), tmp / f"optim_rank{rank}.safetensors")
     save_state(rng_state(), tmp / f"rng_rank{rank}.safetensors")

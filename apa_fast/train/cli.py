@@ -38,6 +38,11 @@ def fail(exc: Exception, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["frontier"]:  # `apa-train frontier ...`: the reward-KL sweep (apa_fast.train.frontier)
+        from .frontier import main as frontier
+
+        return frontier(argv[1:])
     args = parse_args(argv)
     flags = {"output_dir": args.output_dir, "max_steps": args.max_steps, "algo": args.algo, "seed": args.seed}
     try:

@@ -138,10 +138,32 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, cfg: TrainConfig, synced_g
     return torch.nn.functional.pad(response, (0, missing), value=tokenizer.pad_token_id)
 
 
+class KLController:
+    """PPO's KL penalty coefficient: fixed at ``ppo_kl_coef``, or adaptive with ``ppo_adaptive_kl``.
+
+    The adaptive form is Ziegler et al. 2019 (the controller of the APA authors' trlx PPO baseline): after each
+    rollout of ``n`` sequences with mean KL ``kl`` (nats per sequence),
+    ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon``. It starts at ``ppo_kl_coef``; the
+    coefficient is part of the run's state (checkpointed, logged as ``kl_coef``).
+    """
+
+    def __init__(self, cfg: TrainConfig, value: float | None = None):
+        self.value = cfg.ppo_kl_coef if value is None else value
+        self.adaptive, self.target, self.horizon = cfg.ppo_adaptive_kl, cfg.ppo_kl_target, cfg.ppo_kl_horizon
+
+    def update(self, kl: float, n_sequences: int) -> None:
+        if self.adaptive:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_sequences / self.horizon
+
+
 @torch.no_grad()
 def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
-                 cfg: TrainConfig, synced_gpus: bool = False) -> Rollout:
-    """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages."""
+                 cfg: TrainConfig, synced_gpus: bool = False, kl_coef: float | None = None) -> Rollout:
+    """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages.
+
+    ``kl_coef``: PPO's KL penalty coefficient for this rollout (the `KLController`'s); None: ``cfg.ppo_kl_coef``.
+    """
     device = next(actor_critic.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
     response = sample(actor_critic.policy, prompt_ids, prompt_mask, tokenizer, cfg, synced_gpus)
@@ -162,7 +184,8 @@ def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts:
     scores = score(reward_fn, prompt_texts, texts).to(device)
     rewards = place_rewards(scores, mask)
     if cfg.algo == "ppo":  # PPO's per-token KL penalty; APA's anchor is in its loss instead
-        rewards = rewards - cfg.ppo_kl_coef * (logprobs - ref_logprobs) * mask
+        coef = cfg.ppo_kl_coef if kl_coef is None else kl_coef
+        rewards = rewards - coef * (logprobs - ref_logprobs) * mask
     advantages, returns = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)

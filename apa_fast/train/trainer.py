@@ -32,7 +32,7 @@ from .config import ConfigError, TrainConfig, read_deepspeed_json
 from .data import PromptStream, load_prompts, tokenize_prompts
 from .models import build_models, load_tokenizer
 from .rewards import load_reward
-from .rollout import Rollout, all_reduce_sum, make_rollout
+from .rollout import KLController, Rollout, all_reduce_sum, make_rollout
 from .update import set_lr, train_on_rollout
 
 
@@ -54,9 +54,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    if not on_gpu:  # processes sharing a machine's cores split them, instead of spinning against each other
+    if not on_gpu:
+        # Processes sharing a machine's cores split them, instead of spinning against each other;
+        # APA_TRAIN_THREADS overrides the share (`frontier --jobs N` runs N trainers side by side).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        share = max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(int(os.environ.get("APA_TRAIN_THREADS") or share))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -83,8 +86,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     return ds
 
 
-def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: float, update_s: float) -> dict:
-    """The metrics of one step over all processes (one all-reduce)."""
+def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: float, update_s: float,
+                 kl_coef: float | None) -> dict:
+    """The metrics of one step over all processes (one all-reduce); ``kl_coef``: PPO's, None for the others."""
     mask = rollout.response_mask
     kl_per_sequence = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)
     local = torch.stack([rollout.scores.sum(), rollout.scores.square().sum(), kl_per_sequence.sum(),
@@ -96,7 +100,7 @@ def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: fl
         "reward_std": max(score_sq / rows - reward_mean**2, 0.0) ** 0.5,
         "kl": kl_sum / rows, "loss": losses["loss"], "value_loss": losses["value_loss"],
         "response_len": tokens / rows, "tokens_per_s": tokens / (gen_s + update_s), "lr": lr,
-        "gen_s": gen_s, "update_s": update_s,
+        "gen_s": gen_s, "update_s": update_s, **({} if kl_coef is None else {"kl_coef": kl_coef}),
     }
 
 
@@ -224,6 +228,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
     random.seed(cfg.seed + rank)
 
     start_step = state["step"]
+    kl_control = KLController(cfg, state.get("kl_coef"))
     if checkpoint is not None:
         load_weights(model, checkpoint)
         stream.position = state["data_position"]
@@ -248,11 +253,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
     for step in bar:
         tick = time.perf_counter()
         rollout = make_rollout(model, pi_init, reward_fn, tokenizer, stream.take(cfg.rollout_batch_size, rank,
-                               world_size), cfg, synced_gpus=zero_stage == 3 and world_size > 1)
+                               world_size), cfg, synced_gpus=zero_stage == 3 and world_size > 1,
+                               kl_coef=kl_control.value)
         tock = time.perf_counter()
         lr = set_lr(engine, cfg, step)
         losses = train_on_rollout(engine, rollout, cfg, step, world_size)
-        metrics = step_metrics(step, rollout, losses, lr, tock - tick, time.perf_counter() - tock)
+        metrics = step_metrics(step, rollout, losses, lr, tock - tick, time.perf_counter() - tock,
+                               kl_control.value if cfg.algo == "ppo" else None)
+        kl_control.update(metrics["kl"], cfg.rollout_batch_size)
         history.append(metrics)
         if rank == 0:
             with metrics_path.open("a") as f:
@@ -260,7 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
             bar.write(log_line(metrics, cfg.max_steps))
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
         if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(out, step, engine, tokenizer, stream.position, cfg, rank, world_size, zero_stage)
+            save_checkpoint(out, step, engine, tokenizer, stream.position, cfg, rank, world_size, zero_stage,
+                            kl_control.value)
     bar.close()
     if rank == 0 and metrics_path.is_file():
         if plotting:

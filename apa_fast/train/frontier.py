@@ -1,0 +1,388 @@
+"""``apa-train frontier`` / ``python -m apa_fast.train.frontier``: the reward-KL frontier of APA, PPO and AWR.
+
+Sweeps each algorithm's parameter (APA's lam, PPO's KL coefficient, AWR's lam) over a grid and seeds::
+
+    apa-train frontier --output-dir runs/frontier --grid "apa:apa_lam=0.03,0.1,0.3,1" \\
+        --grid "ppo:ppo_kl_coef=0.01,0.05,0.2" --grid "awr:awr_lam=1,3" --seeds 2 --max-steps 80
+
+Every point (algorithm, value, seed) is an ordinary run in its own folder of the output directory, with its
+``config.yaml``: it resumes like any run (``apa-train --config D/<point>/config.yaml --resume``), and running the
+command again skips the finished points and resumes the interrupted ones. The points run in worker processes
+(``--jobs N`` of them, the CPU threads split between them), each run's output going to its ``train.log``.
+The output directory gets ``frontier.jsonl`` (one record per run), ``frontier.md`` and ``frontier.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import typing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+
+from .config import ALGOS, ConfigError, TrainConfig, config_dict, load_config, make_config
+
+GRID = re.compile(r"(?P<algorithm>[^:]*):(?P<parameter>[^=]*)=(?P<values>.*)")
+COLORS = {"apa": "tab:blue", "ppo": "tab:orange", "awr": "tab:green"}
+
+
+class GridError(ValueError):
+    """A ``--grid`` string (or a point's saved state) that cannot be swept; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One run of the sweep: ``parameter = value`` for ``algorithm`` with ``seed``."""
+
+    algorithm: str
+    parameter: str
+    value: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.algorithm}_{self.parameter}={self.value:g}_seed{self.seed}"
+
+    def label(self) -> str:
+        return f"{self.algorithm} {self.parameter}={self.value:g} seed {self.seed}"
+
+
+def parse_grid(spec: str) -> tuple[str, str, list[float]]:
+    """``"apa:apa_lam=0.03,0.1"`` -> ``("apa", "apa_lam", [0.03, 0.1])``; errors name the string."""
+    def error(reason: str) -> GridError:
+        return GridError(f"--grid {spec!r}: {reason}")
+
+    match = GRID.fullmatch(spec.strip())
+    if not match:
+        raise error("expected ALGORITHM:FIELD=V1,V2,... (e.g. apa:apa_lam=0.1,0.3,1)")
+    algorithm, parameter = match["algorithm"].strip(), match["parameter"].strip()
+    if algorithm not in ALGOS:
+        raise error(f"algorithm {algorithm!r} is not one of {ALGOS}")
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = sorted(name for name, hint in hints.items() if hint in (int, float) and name != "seed")
+    if parameter not in numeric:
+        raise error(f"{parameter!r} is not a numeric config field to sweep (seeds: --seeds); one of {numeric}")
+    other = [a for a in ALGOS if a != algorithm and parameter.startswith(f"{a}_")]
+    if other:
+        raise error(f"{parameter} is a parameter of {other[0]}, it does not change {algorithm}")
+    values = []
+    for raw in match["values"].split(","):
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise error(f"{raw.strip()!r} is not a number")
+        if value in values:
+            raise error(f"value {value:g} appears twice")
+        values.append(value)
+    return algorithm, parameter, values
+
+
+def plan(base: TrainConfig, specs: list[str], seeds: int, out: Path) -> list[tuple[Point, TrainConfig]]:
+    """Every point of the grids and its run's config (validated), in grid order, seeds innermost."""
+    points: dict[str, tuple[Point, TrainConfig]] = {}
+    for spec in specs:
+        algorithm, parameter, values = parse_grid(spec)
+        for value in values:
+            for seed in range(base.seed, base.seed + seeds):
+                point = Point(algorithm, parameter, value, seed)
+                if point.name in points:
+                    raise GridError(f"--grid {spec!r}: {point.label()} is already in another grid")
+                try:
+                    cfg = dataclasses.replace(base, algo=algorithm, seed=seed, output_dir=str(out / point.name),
+                                              **{parameter: value})
+                except ConfigError as exc:
+                    raise GridError(f"--grid {spec!r}: {exc}") from None
+                points[point.name] = point, cfg
+    return list(points.values())
+
+
+def check_saved_config(cfg: TrainConfig) -> None:
+    """Write the point's ``config.yaml``, or check that the one there (a previous sweep's) matches but for
+    ``max_steps``: resuming a run under another config would mix two experiments in one curve."""
+    path = Path(cfg.output_dir) / "config.yaml"
+    wanted = config_dict(cfg)
+    if path.is_file():
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise GridError(f"{path}: cannot be read ({type(exc).__name__}); delete the point's folder to redo "
+                            "it") from exc
+        changed = sorted(k for k in wanted if k != "max_steps" and (saved or {}).get(k) != wanted[k])
+        if changed:
+            raise GridError(f"{path}: this point ran with other values of {changed}; use another --output-dir, "
+                            "or delete the point's folder to redo it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(wanted, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """Whether the point's run has a complete checkpoint at ``max_steps`` or later."""
+    from .checkpoint import CheckpointError, latest_checkpoint, read_trainer_state
+
+    try:
+        path = latest_checkpoint(cfg.output_dir)
+        return path is not None and read_trainer_state(path)["step"] >= cfg.max_steps
+    except CheckpointError:  # a broken run directory: the worker's resume reports it
+        return False
+
+
+# --- worker processes ---
+
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _init_worker(threads: int) -> None:
+    """Each worker trains as a world of one process with its share of the CPU threads; a rendezvous inherited
+    from the parent (one that trained in-process, or a launcher's) would collide with the parent's port."""
+    for name in DISTRIBUTED_ENV:
+        os.environ.pop(name, None)
+    os.environ["APA_TRAIN_THREADS"] = str(threads)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors, so tqdm and C code follow) to ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def run_point(values: dict, launcher: str | None) -> tuple[str | None, float]:
+    """Run (or resume) one point: ``(error, seconds)``, error None on success, else in one line (the details are
+    in the point's train.log). Errors are returned, not raised, so that any of them crosses processes.
+
+    Without ``launcher`` the run trains in this worker process; with it, the worker runs ``launcher --config
+    <point>/config.yaml --resume`` (e.g. ``deepspeed --num_gpus 8 --module apa_fast.train``) and waits.
+    """
+    cfg = make_config(values)
+    run_dir = Path(cfg.output_dir)
+    start = time.perf_counter()
+    with _output_to(run_dir / "train.log"):
+        from .trainer import train  # inside: DeepSpeed's import-time messages go to the log too
+
+        if launcher:
+            command = [*shlex.split(launcher), "--config", str(run_dir / "config.yaml"), "--resume"]
+            code = subprocess.run(command, env=os.environ).returncode
+            error = None if code == 0 else f"{shlex.join(command)} exited with {code}"
+            return error, time.perf_counter() - start
+        try:
+            train(cfg, resume=True)
+        except Exception as exc:  # reported on the sweep's progress line; the other points go on
+            traceback.print_exc()
+            return f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+    return None, time.perf_counter() - start
+
+
+# --- results ---
+
+def point_record(point: Point, cfg: TrainConfig) -> dict:
+    """The run's record: reward and KL are means over the last quarter of its steps (std over those steps)."""
+    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    last = rows[-max(len(rows) // 4, 1):]
+    reward, kl = [r["reward_mean"] for r in last], [r["kl"] for r in last]
+    return {"algorithm": point.algorithm, "parameter": point.parameter, "value": point.value, "seed": point.seed,
+            "steps": rows[-1]["step"], "reward": statistics.fmean(reward), "reward_std": statistics.pstdev(reward),
+            "kl": statistics.fmean(kl), "kl_std": statistics.pstdev(kl),
+            "wall_s": sum(r["gen_s"] + r["update_s"] for r in rows)}
+
+
+def curves(records: list[dict]) -> dict[tuple[str, str], list[tuple[float, list[dict]]]]:
+    """Records grouped by (algorithm, parameter), then by value (ascending): one curve per group."""
+    groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for record in records:
+        groups.setdefault((record["algorithm"], record["parameter"]), {}).setdefault(record["value"], []).append(
+            record)
+    return {key: sorted(by_value.items()) for key, by_value in groups.items()}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def frontier_markdown(records: list[dict], command: str) -> str:
+    """``frontier.md``: one table per algorithm, a row per parameter value, the seeds side by side."""
+    lines = ["# Reward-KL frontier", "", f"`{command}`", "",
+             "Reward and KL (to pi_init, nats per sequence) are means over the last quarter of each run's steps; "
+             "the first two columns average the seeds, the last two list them in seed order.", ""]
+    for (algorithm, parameter), by_value in curves(records).items():
+        lines += [f"## {algorithm.upper()}: {parameter}", "",
+                  f"| {parameter} | reward | KL | reward per seed | KL per seed |", "|---:|---:|---:|---|---|"]
+        for value, runs in by_value:
+            runs = sorted(runs, key=lambda r: r["seed"])
+            rewards, kls = [r["reward"] for r in runs], [r["kl"] for r in runs]
+            lines.append(f"| {value:g} | {statistics.fmean(rewards):.3f} | {statistics.fmean(kls):.2f} | "
+                         + ", ".join(f"{x:.3f}" for x in rewards) + " | " + ", ".join(f"{x:.2f}" for x in kls) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_frontier(records: list[dict], path: Path, title: str) -> None:
+    """``frontier.png``: reward against KL, a curve per algorithm through its values (labelled), the marker at
+    the seeds' mean and the error bars spanning the seeds' minimum to maximum on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for index, ((algorithm, parameter), by_value) in enumerate(curves(records).items()):
+        xs, ys, xerr, yerr = [], [], [[], []], [[], []]
+        for value, runs in by_value:
+            kl, reward = [r["kl"] for r in runs], [r["reward"] for r in runs]
+            xs.append(statistics.fmean(kl))
+            ys.append(statistics.fmean(reward))
+            xerr[0].append(xs[-1] - min(kl))
+            xerr[1].append(max(kl) - xs[-1])
+            yerr[0].append(ys[-1] - min(reward))
+            yerr[1].append(max(reward) - ys[-1])
+            ax.annotate(f"{value:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, -11), fontsize=8,
+                        color=COLORS.get(algorithm))
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=COLORS.get(algorithm),
+                    linestyle=("-", "--", ":")[index % 3], label=f"{algorithm.upper()} ({parameter})")
+    ax.set_xscale("symlog", linthresh=1.0)  # KL spans decades; an estimate near 0 may be slightly negative
+    ax.set_xlabel("KL to pi_init (nats per sequence)")
+    ax.set_ylabel("reward")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, records: list[dict], command: str, title: str) -> None:
+    write_atomic(out / "frontier.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(out / "frontier.md", frontier_markdown(records, command))
+    from .trainer import plotting_available
+
+    if plotting_available():
+        plot_frontier(records, out / "frontier.png", title)
+
+
+# --- the command ---
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="apa-train frontier",
+        description="Sweep APA's lam, PPO's KL coefficient and AWR's lam (one run per value and seed) and plot "
+                    "the reward-KL frontier. Without --config: the embedded tiny default.")
+    parser.add_argument("--config", help="YAML file of TrainConfig fields shared by every run")
+    parser.add_argument("--output-dir", required=True, help="sweep directory: a folder per point, frontier.*")
+    parser.add_argument("--grid", action="append", required=True, metavar="ALGO:FIELD=V1,V2,...",
+                        help='e.g. "apa:apa_lam=0.03,0.1,0.3,1" "ppo:ppo_kl_coef=0.01,0.05" "awr:awr_lam=1,3"')
+    parser.add_argument("--seeds", type=int, default=2, help="runs per value, seeds seed..seed+N-1 (default 2)")
+    parser.add_argument("--max-steps", type=int, help="steps of every run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (CPU threads split between them)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field of every run (YAML value)")
+    parser.add_argument("--launcher", metavar="COMMAND",
+                        help='run each point as COMMAND --config <point>/config.yaml --resume, e.g. "deepspeed '
+                             '--num_gpus 8 --module apa_fast.train" (default: in a worker process, CPU or 1 GPU)')
+    args = parser.parse_args(argv)
+    for name in ("seeds", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def sweep(points: list[tuple[Point, TrainConfig]], out: Path, jobs: int, command: str,
+          launcher: str | None = None) -> int:
+    """Run the unfinished points, a progress line each; write the outputs as results come. Returns failures."""
+    done = {p.name: point_record(p, cfg) for p, cfg in points if finished(cfg)}
+    todo = [(p, cfg) for p, cfg in points if p.name not in done]
+    base = points[0][1]
+    title = (f"Reward-KL frontier: {base.max_steps} steps per run, {len({p.seed for p, _ in points})} seeds; "
+             "last-quarter means, bars: seed range")
+    width = len(str(len(points)))
+    count = 0
+
+    def report(point: Point, text: str) -> None:
+        nonlocal count
+        count += 1
+        print(f"[{count:{width}d}/{len(points)}] {point.label()}: {text}", flush=True)
+
+    def outputs() -> None:
+        write_outputs(out, [done[p.name] for p, _ in points if p.name in done], command, title)
+
+    for point, _ in points:
+        if point.name in done:
+            record = done[point.name]
+            report(point, f"finished earlier: reward {record['reward']:.3f}, kl {record['kl']:.2f}")
+    failures = 0
+    if todo:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            submitted = {pool.submit(run_point, config_dict(cfg), launcher): (point, cfg) for point, cfg in todo}
+            for future in as_completed(submitted):
+                point, cfg = submitted[future]
+                error, seconds = future.result()
+                if error is None:
+                    done[point.name] = record = point_record(point, cfg)
+                    report(point, f"reward {record['reward']:.3f}, kl {record['kl']:.2f} "
+                                  f"({record['steps']} steps, {seconds:.0f} s)")
+                    outputs()
+                else:
+                    failures += 1
+                    report(point, f"FAILED: {error} (log: {Path(cfg.output_dir) / 'train.log'})")
+    if done:
+        outputs()
+    return failures
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    try:
+        base = load_config(args.config, args.set, **({} if args.max_steps is None else {"max_steps": args.max_steps}))
+        points = plan(base, args.grid, args.seeds, out)
+        for _, cfg in points:
+            check_saved_config(cfg)
+    except (ConfigError, GridError) as exc:
+        print(f"apa-train frontier: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    started = time.perf_counter()
+    failures = sweep(points, out, args.jobs, "apa-train frontier " + shlex.join(argv), args.launcher)
+    print(f"apa-train frontier: {len(points)} points, {failures} failed, {time.perf_counter() - started:.0f} s; "
+          f"{out / 'frontier.md'}, {out / 'frontier.png'}, {out / 'frontier.jsonl'}")
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
