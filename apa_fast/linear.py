@@ -36,7 +36,7 @@ import torch
 
 from . import _dispatch, zero3
 from .kinds import APA, LOGPROB, LossKind
-from .logprob import _not_twice_differentiable, device_guard, differentiable_once, implementation
+from .logprob import _not_twice_differentiable, device_guard, differentiable_once, implementation, scaled
 from .rows import as_rows3d, denominator, reduce_rows, upstream_scale
 from .validation import (
     check_float_rows,
@@ -322,11 +322,7 @@ def _setup_linear(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_output, *unused):
     if ctx.reduction != "none":
-        grads = ctx.saved_tensors
-        # loss.backward() passes exactly 1: hand over the buffers (no second (V, H) tensor).
-        if torch.compiler.is_compiling() or not bool(grad_output == 1):
-            grads = tuple(g * grad_output.to(g.dtype) for g in grads)
-        grads = tuple(differentiable_once(g) for g in grads)
+        grads = tuple(differentiable_once(scaled(g, grad_output)) for g in ctx.saved_tensors)
     else:
         hidden, weight, bias, labels, (lse, dlogp) = ctx.saved_tensors
         grads = _linear_backward_op(hidden, weight, bias, labels, lse, dlogp * grad_output.reshape(-1).float(),

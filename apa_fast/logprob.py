@@ -31,6 +31,7 @@ import contextlib
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _dispatch, torch_backend
 from .kinds import APA, AWR, LOGPROB, PPO, LossKind
@@ -170,10 +171,16 @@ def _setup_loss_and_grad(ctx, inputs, output):
 
 def _loss_and_grad_backward(ctx, grad_output, grad_grad):
     (grad,) = ctx.saved_tensors
-    # loss.backward() passes exactly 1: hand over the buffer (no second logits-sized tensor).
-    if torch.compiler.is_compiling() or not bool(grad_output == 1):
-        grad = grad * grad_output.to(grad.dtype)
-    return differentiable_once(grad), None, None, None, None, None, None, None, None, None, None
+    return differentiable_once(scaled(grad, grad_output)), None, None, None, None, None, None, None, None, None, None
+
+
+def scaled(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``grad * factor`` for a gradient precomputed in the forward. In eager mode, when ``factor`` is exactly 1
+    (what ``loss.backward()`` passes), ``grad`` itself: no second logits-sized tensor, at the cost of one scalar
+    sync. Traced graphs (torch.compile, fake tensors) always multiply: the check would depend on data."""
+    if torch.compiler.is_compiling() or is_fake(factor) or not bool(factor == 1):
+        return grad * factor.to(grad.dtype)
+    return grad
 
 
 def differentiable_once(grad: torch.Tensor) -> torch.Tensor:
