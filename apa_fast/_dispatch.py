@@ -69,20 +69,23 @@ def pick_loss_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and reason is None else "torch"
 
 
-def _gae_kernel_unavailable_reason(device: torch.device, build: bool) -> str | None:
-    if device.type not in ("cpu", "cuda"):
-        return f"the compiled GAE kernels do not support device type {device.type!r}"
+# torch.compile runs this once, while tracing (loading or building the extension then, which Dynamo could not
+# trace), and bakes its answer into the graph: the extension is resolved once a process anyway.
+@torch.compiler.assume_constant_result
+def _gae_kernel_unavailable_reason(device_type: str, build: bool) -> str | None:
+    if device_type not in ("cpu", "cuda"):
+        return f"the compiled GAE kernels do not support device type {device_type!r}"
     status = extension_status(build=False)
     if status.origin == "not built":
         # Build only what can serve this device: a build without the CUDA kernel is no use to CUDA tensors.
-        cuda_unbuildable = device.type == "cuda" and _ext_build.plan().no_cuda_reason
+        cuda_unbuildable = device_type == "cuda" and _ext_build.plan().no_cuda_reason
         if cuda_unbuildable:
             return f"apa_fast._C is not installed and its CUDA kernel cannot be built here: {cuda_unbuildable}"
         if build:
             status = extension_status(build=True)
     if status.module is None:
         return status.reason()
-    if device.type == "cuda" and not status.module.with_cuda:
+    if device_type == "cuda" and not status.module.with_cuda:
         return (f"apa_fast._C ({status.origin}) was built without its CUDA kernel (torch was a CPU build or nvcc "
                 "was missing when it was built): rebuild it with a CUDA torch and nvcc, or use backend='torch'")
     return None
@@ -102,7 +105,7 @@ def pick_gae_backend(backend: str, device: torch.device, *, build: bool = True) 
         return "torch"
     if backend != "auto" and device.type != backend:
         raise RuntimeError(f"backend={backend!r} runs on {backend} tensors, got tensors on {device}")
-    reason = _gae_kernel_unavailable_reason(device, build)
+    reason = _gae_kernel_unavailable_reason(device.type, build)
     if backend == "auto":
         return device.type if reason is None else "torch"
     if reason is not None:
@@ -147,7 +150,17 @@ def extension_status(build: bool = True) -> ExtensionStatus:
     global _status
     if _status is None or (_status.origin == "not built" and build):
         _status = _find_extension(build)
+        if _status.module is not None:
+            _register_gae_fake()
     return _status
+
+
+def _register_gae_fake() -> None:
+    """Give `apa_fast::gae` its fake kernel (output shapes and dtypes without running it), which
+    torch.compile and FakeTensor tracing need, once the library defining the op has loaded."""
+    from .gae import gae_fake  # gae.py imports this module at its top: imported here, at first load
+
+    torch.library.register_fake("apa_fast::gae", gae_fake)
 
 
 def _find_extension(build: bool) -> ExtensionStatus:

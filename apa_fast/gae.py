@@ -58,6 +58,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     return torch.ops.apa_fast.gae(rewards, values, valid, float(gamma), float(lam), bool(whiten))
 
 
+def gae_fake(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, gamma: float, lam: float,
+             whiten: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake kernel of `torch.ops.apa_fast.gae` (registered by `_dispatch` when the extension loads): the
+    outputs' metadata for torch.compile, ``(B, T)`` contiguous float32 (float64 for float64 inputs).
+
+    The op has no autograd formula: its outputs never require grad, whatever the inputs (`gae` detaches them;
+    GAE's rewards and values are data, not parameters)."""
+    dtype = _compute_dtype(rewards.dtype)
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
+
+
 def _check_inputs(rewards, values, mask, gamma, lam) -> None:
     tensors = {"rewards": rewards, "values": values, **({} if mask is None else {"mask": mask})}
     for name, tensor in tensors.items():

@@ -129,6 +129,10 @@ TORCH_LIBRARY(apa_fast, m) {
 
 TORCH_LIBRARY_IMPL(apa_fast, CPU, m) { m.impl("gae", &gae_cpu); }
 
+// GAE reads rewards and values as data, with no gradient: autograd passes the op by, so its outputs never
+// require grad (without this, inputs that require grad would give outputs whose backward silently does nothing).
+TORCH_LIBRARY_IMPL(apa_fast, Autograd, m) { m.impl("gae", torch::CppFunction::makeFallthrough()); }
+
 #ifdef APA_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(apa_fast, CUDA, m) { m.impl("gae", &gae_cuda); }
 #endif

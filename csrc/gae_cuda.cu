@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <climits>
 
-#ifdef APA_FAST_CUDA_HOST_EMULATION  // every CUDA thread on a host thread: tests without a GPU
+#ifdef APA_FAST_CUDA_HOST_EMULATION  // every CUDA thread on a host thread: tests/cuda_emulation/, no GPU
 #include "cuda_host_emulation.h"
 #define APA_FAST_LAUNCH(kernel, grid, block, stream) ::apa_fast::emulation::launch(kernel, grid, block)
 #else

@@ -32,6 +32,9 @@ want = apa_fast.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True, ba
 status = _dispatch.extension_status()
 print(status.origin, status.path)
 print(max((g - w).abs().max().item() for g, w in zip(got, want)))
+# The op built from the shipped sources: its fake kernel is registered, it sits outside autograd.
+torch.library.opcheck(torch.ops.apa_fast.gae.default, (rewards, values, mask, 0.99, 0.95, True))
+print(any(out.requires_grad for out in torch.ops.apa_fast.gae(rewards.requires_grad_(), values, None, 1.0, 1.0, False)))
 """
 
 FALLBACK_SCRIPT = HIDE_INSTALLED + """
@@ -83,9 +86,10 @@ def test_two_processes_build_once_and_match_the_torch_path(built):
     builds = [path for path in cache.iterdir() if path.is_dir()]
     assert len(builds) == 1 and (builds[0] / _ext_build.KEY_FILE).exists()
     for out, _ in outputs:
-        where, difference = out.splitlines()
+        where, difference, requires_grad = out.splitlines()
         assert where.startswith(f"cached build {builds[0]}")
         assert float(difference) < 1e-5  # float32 rounding of whitened advantages on two algorithms
+        assert requires_grad == "False"
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@
 * It compiles for Hopper (sm_90) without spilling registers: `csrc/gae_cuda.cu` includes no torch headers,
   so nvcc compiles it alone and `-Xptxas -v` reports each kernel's registers, stack frame and spill bytes.
   Skipped when nvcc is not installed.
-* Its results match the float64 oracle when it runs on the host (`csrc/gae_cuda_emulation.cpp`: every CUDA
-  thread an OS thread, barriers and warp shuffles real), for every row-group size, mask layout, whitening
-  and input dtype. This runs the kernel's indexing, scans and barriers as written, but cannot prove the
+* Its results match the float64 oracle when it runs on the host (`cuda_emulation/gae_cuda_emulation.cpp`:
+  every CUDA thread an OS thread, barriers and warp shuffles real), for every row-group size, mask layout,
+  whitening and input dtype. This runs the kernel's indexing, scans and barriers as written, but cannot prove the
   absence of races (a missing barrier may go unnoticed) or say anything about speed: the `cuda`-marked tests
   in test_gae.py do that on a GPU. Skipped without g++ or the CUDA headers.
 """
@@ -22,6 +22,7 @@ from conftest import assert_close_rel
 from test_gae import make_inputs, make_mask, oracle, tolerance
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"  # test-only: the package does not ship it
 CUDA_SOURCE = CSRC / "gae_cuda.cu"
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 ARCH = "sm_90"
@@ -82,8 +83,8 @@ def build_emulator(directory: Path, *flags: str) -> Path:
     if compiler is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
         pytest.skip("needs g++ and the CUDA headers to build the host emulation of the kernel")
     executable = directory / "gae_cuda_emulation"
-    command = [compiler, "-std=c++20", "-pthread", "-Wno-attributes", *flags, f"-I{CUDA_INCLUDE}",
-               str(CSRC / "gae_cuda_emulation.cpp"), "-o", str(executable)]
+    command = [compiler, "-std=c++20", "-pthread", "-Wno-attributes", *flags, f"-I{CUDA_INCLUDE}", f"-I{CSRC}",
+               f"-I{EMULATION}", str(EMULATION / "gae_cuda_emulation.cpp"), "-o", str(executable)]
     build = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if build.returncode != 0 and "-fsanitize=thread" in flags and "tsan" in build.stderr:
         pytest.skip(f"ThreadSanitizer's runtime is not installed: {build.stderr[-300:]}")

@@ -6,7 +6,8 @@
 // Inputs on stdin: rewards, then values (ROWS x COLS of DTYPE: float32, float64, float16 or bfloat16), then,
 // when HAS_MASK is 1, the mask (one byte a position). Outputs on stdout: advantages, then returns (float64 for
 // float64 inputs, float32 otherwise). SM_COUNT is the GPU size the launcher plans for: it picks how many warps
-// share a row. Build: g++ -std=c++20 -pthread -Wno-attributes -I<cuda>/include gae_cuda_emulation.cpp
+// share a row. Build (from the repository root): g++ -std=c++20 -pthread -Wno-attributes -I<cuda>/include
+// -Icsrc -Itests/cuda_emulation tests/cuda_emulation/gae_cuda_emulation.cpp
 #define APA_FAST_CUDA_HOST_EMULATION
 #include "gae_cuda.cu"
 
