@@ -41,7 +41,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     Returns:
         ``(advantages, returns)``, each ``(B, T)`` float32 (float64 for float64 inputs), contiguous, on the
         inputs' device; ``returns = advantages + values`` (unwhitened). Both are 0 at masked-out positions.
-        They carry no gradient: rewards and values are read as data.
+        They carry no gradient: rewards and values are read as data (the compiled op sits outside autograd).
+
+    Under ``torch.compile(fullgraph=True)`` the backend is picked once, while tracing (building the extension
+    then if need be); the compiled kernels enter the graph as the op ``apa_fast::gae`` (fake kernel:
+    `gae_fake`) and the torch path is traced like any PyTorch code. A bad argument fails the trace with the
+    eager error's message inside Dynamo's.
 
     Raises:
         ValueError: a tensor is not 2-D, the shapes or devices differ, gamma or lam is outside [0, 1], or the
