@@ -4,6 +4,7 @@ A random-init Llama (2 layers, hidden 64) and a byte-level BPE tokenizer trained
 reward asks for the letter "e". Needs the trl extra: pip install 'apa_fast[trl]'.
 
 Run: python examples/trl_apa.py [--mode logits|linear] [--steps 16]   (about 25 s of CPU time)
+     python examples/trl_apa.py --baseline        (TRL's own GRPOTrainer on the same setup, for the step time)
 """
 
 import argparse
@@ -15,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: model and
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback  # noqa: E402
-from trl import GRPOConfig  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from apa_fast.integrations.trl import APAGRPOTrainer  # noqa: E402  (instead of trl.GRPOTrainer)
 from apa_fast.train.models import train_tokenizer  # noqa: E402
@@ -32,6 +33,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=["logits", "linear"], default="logits")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--baseline", action="store_true", help="train with trl.GRPOTrainer (its default loss)")
     args = parser.parse_args()
 
     tokenizer = train_tokenizer(PROMPTS + ["the eel sees three geese" * 4], 320)
@@ -48,20 +50,28 @@ def main():
                             learning_rate=1e-2, max_steps=args.steps, logging_steps=1, use_cpu=True,
                             report_to="none", save_strategy="no", seed=0, disable_dropout=True,
                             disable_tqdm=True)
-        trainer = APAGRPOTrainer(model=model, reward_funcs=reward_letter_e, args=config, processing_class=tokenizer,
-                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS}), apa_lam=1.0, apa_mode=args.mode)
+        common = dict(model=model, reward_funcs=reward_letter_e, args=config, processing_class=tokenizer,
+                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+        if args.baseline:
+            trainer = GRPOTrainer(**common)
+        else:
+            trainer = APAGRPOTrainer(**common, apa_lam=1.0, apa_mode=args.mode)
         trainer.remove_callback(PrinterCallback)  # the table below replaces TRL's per-step log lines
         trainer.train()
 
-    logs = [entry for entry in trainer.state.log_history if "apa/residual" in entry]
+    logs = [entry for entry in trainer.state.log_history if "step_time" in entry]
     print(f"{'step':>4} {'loss':>8} {'reward':>7} {'logp-ref':>9} {'residual':>9} {'ms/step':>8}")
     for entry in logs:
-        print(f"{entry['step']:>4} {entry['loss']:>8.4f} {entry['reward']:>7.3f} {entry['apa/logp_minus_ref']:>9.4f} "
-              f"{entry['apa/residual']:>9.4f} {1000 * entry['step_time']:>8.1f}")
+        apa = "".join(f" {entry[key]:>9.4f}" if key in entry else f" {'-':>9}"
+                      for key in ("apa/logp_minus_ref", "apa/residual"))
+        step_ms = 1000 * entry["step_time"]
+        print(f"{entry['step']:>4} {entry['loss']:>8.4f} {entry['reward']:>7.3f}{apa} {step_ms:>8.1f}")
+    times = sorted(entry["step_time"] for entry in logs[2:]) or [logs[-1]["step_time"]]
     window = max(1, len(logs) // 4)
     first, last = (sum(entry["reward"] for entry in part) / len(part) for part in (logs[:window], logs[-window:]))
-    print(f"APA inside TRL ({args.mode} mode): {len(logs)} steps, mean reward of the first and last {window} steps "
-          f"{first:.3f} -> {last:.3f}")
+    name = "TRL's GRPO loss" if args.baseline else f"APA inside TRL ({args.mode} mode)"
+    print(f"{name}: {len(logs)} steps, mean reward of the first and last {window} steps {first:.3f} -> {last:.3f}, "
+          f"median step {1000 * times[len(times) // 2]:.1f} ms (from step 3)")
 
 
 if __name__ == "__main__":
