@@ -17,7 +17,7 @@ import zipfile
 import pytest
 import torch
 
-from apa_fast.integrations.openrlhf import APAPolicyLoss, apa_actor_trainer
+from apa_fast.integrations.openrlhf import APAPolicyLoss, apa_actor_trainer, install
 
 OPENRLHF_VERSION = "0.11.2"
 # PolicyLoss.forward's parameters at 0.11.2 (openrlhf/models/loss.py), with their defaults.
@@ -140,3 +140,17 @@ def test_actor_hook_passes_the_reference_and_drops_the_kl_loss():
         trainer.training_step(experience, kl_ctl=0.1, step=0, loss_batch_info={})
     with pytest.raises(ValueError, match="ref_log_probs"):
         trainer.actor_loss_fn(log_probs, old, advantages, mask)
+
+
+def test_install_replaces_the_trainer_class_of_the_actor_module(monkeypatch):
+    """install() as Ray's worker_process_setup_hook runs it: no arguments, lam from APA_FAST_LAM."""
+    ppo_actor = types.ModuleType("openrlhf.trainer.ray.ppo_actor")
+    ppo_actor.ActorPPOTrainer = StandInActorTrainer
+    for name in ("openrlhf", "openrlhf.trainer", "openrlhf.trainer.ray"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ray.ppo_actor", ppo_actor)
+    sys.modules["openrlhf.trainer.ray"].ppo_actor = ppo_actor
+    monkeypatch.setenv("APA_FAST_LAM", "0.25")
+    install()
+    trainer = ppo_actor.ActorPPOTrainer()
+    assert isinstance(trainer, StandInActorTrainer) and trainer.actor_loss_fn.lam == 0.25

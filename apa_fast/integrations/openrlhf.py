@@ -19,6 +19,7 @@ process; docs/integrations.md shows how to run it there. This module imports no 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -110,8 +111,14 @@ def apa_actor_trainer(trainer_cls: type, lam: float = 1.0) -> type:
     return APAActorPPOTrainer
 
 
-def install(lam: float = 1.0) -> None:
-    """In an OpenRLHF actor process, once: make ``PolicyModelActor`` build the APA trainer (imports OpenRLHF)."""
+def install(lam: float | None = None) -> None:
+    """In an OpenRLHF actor process, once: make ``PolicyModelActor`` build the APA trainer (imports OpenRLHF).
+
+    ``lam=None`` reads the environment variable ``APA_FAST_LAM`` (default 1.0): Ray calls a
+    ``worker_process_setup_hook`` without arguments, and passes environment variables to its workers.
+    """
     from openrlhf.trainer.ray import ppo_actor
 
+    if lam is None:
+        lam = float(os.environ.get("APA_FAST_LAM", "1.0"))
     ppo_actor.ActorPPOTrainer = apa_actor_trainer(ppo_actor.ActorPPOTrainer, lam)
