@@ -13,8 +13,8 @@ compiled; V = 50,257 shows the unaligned case. Per variant the report gives, fro
 * ``shared_bytes``: the shared memory Triton allocates for the kernel;
 * ``max_global_load_bits`` / ``max_global_store_bits``: the widest ``LDG``/``LDGSTS`` and ``STG`` (128 means
   vectorised 16-byte accesses);
-* ``loop_barriers``: barrier instructions (``BAR.*``, ``SYNCS.*``) inside a loop (a backward branch's range):
-  the kernels' only loops are over the vocabulary.
+* ``loop_barriers``: barrier instructions (``BAR.*``, ``SYNCS.*``) inside an innermost loop (a backward
+  branch's range holding no other loop): the vocabulary loops (forward_grad's outer loop is over rows).
 
 Exit status 1 if a variant fails to compile or spills.
 """
@@ -33,8 +33,6 @@ import tempfile
 
 JSON_KEYS = ("kernel", "pass", "dtype", "vocab", "block_v", "num_warps", "registers", "spill_bytes", "shared_bytes",
              "max_global_load_bits", "max_global_store_bits", "loop_barriers")
-# An H100 SXM, for the forward-with-gradient kernel's rows in flight: they must stay well inside its L2.
-H100_SMS, H100_L2_BYTES, SM90_REGISTERS, SM90_THREADS = 132, 50 * 10**6, 65536, 2048
 
 
 class ToolchainMissing(RuntimeError):
@@ -111,6 +109,7 @@ class VariantReport:
     loop_barriers: int | None = None
     stack_bytes: int | None = None
     specialised: str = ""  # the integer arguments specialised as divisible by 16
+    programs: int | None = None  # forward_grad's persistent grid on an H100
     error: str | None = None
 
     @property
@@ -123,13 +122,8 @@ class VariantReport:
         return {key: values[key] for key in JSON_KEYS}
 
     def rows_in_flight_bytes(self, itemsize: int) -> int | None:
-        """Bytes of logit rows resident at once on an H100 (one row per program, programs per SM as occupancy)."""
-        if self.registers is None:
-            return None
-        threads = 32 * self.num_warps
-        per_thread = -(-max(self.registers, 1) // 8) * 8  # allocated in units of 8 per thread
-        per_sm = min(SM90_THREADS // threads, SM90_REGISTERS // (per_thread * threads), 32)
-        return H100_SMS * per_sm * self.vocab * itemsize
+        """forward_grad: bytes of logit rows resident at once (one row per program of its persistent grid)."""
+        return self.programs * self.vocab * itemsize if self.programs else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,13 +141,14 @@ def _access_bits(opcode: str) -> int:
 
 
 def sass_facts(sass: str) -> dict:
-    """Widest global load/store (bits), spill-store bytes and barriers inside loops, from ``cuobjdump -sass``."""
+    """Widest global load/store (bits), spill-store bytes and barriers in innermost loops, from ``cuobjdump -sass``."""
     instructions = [(int(addr, 16), opcode, operands) for addr, opcode, operands in _SASS_LINE.findall(sass)]
     loops = []
     for addr, opcode, operands in instructions:
         target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
             loops.append((int(target.group(1), 16), addr))
+    innermost = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
     facts = {"max_global_load_bits": 0, "max_global_store_bits": 0, "spill_bytes": 0, "loop_barriers": 0}
     for addr, opcode, _ in instructions:
         if opcode.startswith(("LDG", "LDGSTS")):
@@ -162,7 +157,7 @@ def sass_facts(sass: str) -> dict:
             facts["max_global_store_bits"] = max(facts["max_global_store_bits"], _access_bits(opcode))
         elif opcode.startswith("STL"):
             facts["spill_bytes"] += _access_bits(opcode) // 8
-        elif opcode.startswith(("BAR", "SYNCS")) and any(lo <= addr <= hi for lo, hi in loops):
+        elif opcode.startswith(("BAR", "SYNCS")) and any(lo <= addr <= hi for lo, hi in innermost):
             facts["loop_barriers"] += 1
     return facts
 
@@ -217,7 +212,8 @@ def report(arch: str = "sm_90", variants=None) -> list[VariantReport]:
         kernel = variant["kernel"].__name__.strip("_")
         row = VariantReport(kernel=kernel + (f"[{variant['kind']}]" if variant["kind"] else ""),
                             pass_=variant["pass"], dtype=variant["dtype"], vocab=variant["vocab"],
-                            block_v=variant["meta"]["BLOCK_V"], num_warps=variant["meta"]["num_warps"])
+                            block_v=variant["meta"]["BLOCK_V"], num_warps=variant["meta"]["num_warps"],
+                            programs=variant["grid"][0] if variant["pass"] == "forward_grad" else None)
         try:
             compiled, divisible = compile_variant(variant, arch)
             cubin = compiled.asm["cubin"]
@@ -243,7 +239,7 @@ def format_table(rows: list[VariantReport], arch: str) -> str:
         "contiguous (8, 512, V) buffer, with Triton's runtime specialisation (16-byte aligned pointers; "
         "integers divisible by 16 listed under 'specialised'). Loads/stores: widest global access in bits; "
         "loop barriers: barriers inside the vocabulary loops; L2 rows: forward_grad's logit rows resident at "
-        f"once on an H100 ({H100_SMS} SMs, {H100_L2_BYTES // 10**6} MB L2).",
+        "once on an H100 (its persistent grid there; 50 MB of L2).",
         "",
         "| kernel | pass | dtype | V | BLOCK_V | warps | registers | spill (B) | stack (B) | shared (B) "
         "| load bits | store bits | loop barriers | specialised | L2 rows (MB) | status |",

@@ -4,8 +4,9 @@ One kernel family, one loss epilogue (`_loss_epilogue`, selected by the ``LOSS``
 from `apa_fast.kinds.KINDS`), three passes:
 
 * ``_logprob_fwd_kernel`` (pass "forward"): one program per token row. A single pass over the vocabulary in
-  blocks keeps a log-sum-exp per lane in float32 (whatever the logits' dtype) and reduces across lanes once,
-  after the loop; it gathers the sampled token's logit and runs the epilogue. It writes four float32 numbers
+  blocks keeps a running log-sum-exp in float32 (whatever the logits' dtype) per group of adjacent columns
+  held by one thread, and reduces across threads once, after the loop (`_row_logsumexp2`); it gathers the
+  sampled token's logit and runs the epilogue. It writes four float32 numbers
   per row: the log-prob, the log-sum-exp, the per-token loss and ``d loss / d logp``. Nothing of size
   ``[rows x vocab]`` is written.
 * ``_logprob_bwd_kernel`` (pass "backward"): a 2-D grid (rows x vocabulary blocks). Each program reads one
@@ -13,9 +14,9 @@ from `apa_fast.kinds.KINDS`), three passes:
   ``dlogits = g_row * (onehot(label) - softmax) / temperature`` in the logits' dtype, optionally into the
   logits buffer itself.
 * ``_logprob_fwd_grad_kernel`` (pass "forward_grad", training mode): the forward's row pass, then, in the
-  same program, a second pass over the row that re-reads it (from L2: few rows are in flight, see
-  `grad_block_config`) and writes ``dlogits`` for a known upstream scale. DRAM traffic: the logits read once
-  and the gradient written once, instead of the logits read twice by the two-kernel path.
+  same program, a second pass over the row that re-reads it (from L2: a persistent grid keeps few rows in
+  flight, see `grad_programs`) and writes ``dlogits`` for a known upstream scale. DRAM traffic: the logits
+  read once and the gradient written once, instead of the logits read twice by the two-kernel path.
 
 Row addressing: the leading dimensions of ``logits (..., V)`` are collapsed by the host into at most two
 (outer, inner) with their own strides, so slices such as ``logits[:, :-1]`` need no copy. A row whose
@@ -48,11 +49,16 @@ _LN2 = tl.constexpr(0.6931471805599453)
 _MOST_NEGATIVE = tl.constexpr(-3.4028234663852886e38)
 
 # Block caps. The forward and backward stream and keep 16 elements per thread (two 128-bit loads in bf16,
-# four in float32). The forward-with-gradient kernel uses larger blocks with 32 warps so that one program
-# fills an SM: about 132 rows in flight on an H100, 13 MB of bf16 rows at V = 50,400, well inside its 50 MB
-# L2, so the second pass over each row hits L2 (`python -m apa_fast.info --aot sm_90` shows the registers).
+# four in float32). The forward-with-gradient kernel uses larger blocks with up to 32 warps, and a persistent
+# grid (`grad_programs`) bounds the rows in flight so that its second pass over each row hits L2.
 MAX_BLOCK_V = 4096
 MAX_GRAD_BLOCK_V = 16384
+# The share of the L2 that the forward-with-gradient kernel's rows in flight aim at: the rest holds the
+# gradient lines on their way out and everything else. H100: 12.5 MB of 50 MB, one 100.8 KB bf16 row of
+# V = 50,400 per SM (13.3 MB: an SM is never left idle to stay under the target).
+L2_SHARE = 0.25
+# What the launcher assumes where the device does not say (CPU tensors under the interpreter): an H100.
+DEFAULT_SMS, DEFAULT_L2_BYTES = 132, 50 * 2**20
 
 
 def block_config(vocab: int) -> tuple[int, int]:
@@ -68,6 +74,25 @@ def grad_block_config(vocab: int) -> tuple[int, int]:
     return block, max(1, min(32, block // 512))
 
 
+def grad_programs(rows: int, row_bytes: int, num_warps: int, sms: int = DEFAULT_SMS,
+                  l2_bytes: int = DEFAULT_L2_BYTES) -> int:
+    """Programs of the persistent forward-with-gradient kernel: its rows in flight.
+
+    As many rows as fit in ``L2_SHARE`` of the L2, at least one program per SM (fewer would idle SMs), at
+    most what the SMs hold at once (2,048 threads each) and never more than ``rows``.
+    """
+    per_sm = max(1, min(int(L2_SHARE * l2_bytes) // max(sms * row_bytes, 1), 2048 // (32 * num_warps)))
+    return max(1, min(rows, per_sm * sms))
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, L2 bytes) of ``device``; the defaults where it is not a CUDA device."""
+    if device.type != "cuda":
+        return DEFAULT_SMS, DEFAULT_L2_BYTES
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "L2_cache_size", DEFAULT_L2_BYTES)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Device helpers shared by the kernels.
 # ----------------------------------------------------------------------------------------------------
@@ -80,23 +105,27 @@ def _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner):
 
 
 @triton.jit
-def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexpr):
+def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """log2(sum(exp2(x * scale2))) over the row's columns ``[0, read_to)`` (``read_to`` is ``vocab`` or 0).
 
-    Each lane keeps its own running maximum ``m`` and sum ``s`` (relative to ``m``) across the loop, and the
-    lanes are combined once at the end: no cross-warp reduction, hence no barrier, inside the loop. One
-    exponential per element: ``p = exp2(-|x - m|)`` is ``exp2(m - x)`` when ``x`` raises the maximum (the old
-    sum is rescaled by it and ``x`` contributes 1) and ``exp2(x - m)`` otherwise.
+    A block is read as ``(BLOCK_V // VEC, VEC)`` groups of ``VEC`` adjacent columns (16 bytes: one vector
+    load, held by one thread). Each group keeps its own running maximum ``m`` and sum ``s`` (relative to
+    ``m``) across the loop, so the per-block maximum and sum are reductions inside a thread, and the groups
+    are combined once at the end: no cross-thread reduction, hence no barrier, inside the loop. The maximum
+    is taken on the raw logits and scaled after (``scale2 > 0`` commutes with max), and ``exp2`` is fed
+    ``fma(x, scale2, -m)``: about one exponential and four arithmetic instructions per logit.
     """
-    cols = tl.arange(0, BLOCK_V)
-    m = tl.full((BLOCK_V,), _MOST_NEGATIVE, tl.float32)
-    s = tl.zeros((BLOCK_V,), tl.float32)
+    groups = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m = tl.full((BLOCK_V // VEC,), _MOST_NEGATIVE, tl.float32)
+    s = tl.zeros((BLOCK_V // VEC,), tl.float32)
     for start in range(0, read_to, BLOCK_V):
-        x = tl.load(base + (start + cols) * stride_v, mask=start + cols < vocab, other=float("-inf"))
-        x = x.to(tl.float32) * scale2  # padded and -inf lanes stay -inf: scale2 > 0
-        p = tl.exp2(-tl.abs(x - m))  # x = -inf: exp2(-inf) = 0, never NaN (m is finite)
-        s = tl.where(x > m, s * p + 1.0, s + p)
-        m = tl.maximum(m, x)
+        x = tl.load(base + (start + groups) * stride_v, mask=start + groups < vocab, other=float("-inf"))
+        x = x.to(tl.float32)
+        # m is finite (it starts at the most negative float): padded and -inf lanes give exp2(-inf) = 0, and
+        # m - new_m <= 0 is never -inf - -inf.
+        new_m = tl.maximum(m, tl.max(x, axis=1) * scale2)
+        s = s * tl.exp2(m - new_m) + tl.sum(tl.exp2(x * scale2 - new_m[:, None]), axis=1)
+        m = new_m
     row_max = tl.max(m, axis=0)
     # m <= row_max: every factor is in [0, 1]; an all -inf row sums to 0 and gives -inf, as torch does.
     return row_max + tl.log2(tl.sum(s * tl.exp2(m - row_max), axis=0))
@@ -133,13 +162,13 @@ def _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS: tl.constex
 
 @triton.jit
 def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
-                 vocab, scale2, param0, param1, LOSS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The row's log-sum-exp, log-prob and loss; stores the four per-row outputs and returns (lse2, dlogp).
+                 vocab, scale2, param0, param1, LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """The row's log-sum-exp, log-prob and loss; stores the four per-row outputs, returns (lse2, target2, dlogp).
 
-    ``lse2`` is the log-sum-exp in base 2 (of ``x * scale2``), ``dlogp`` is 0 where the row does not count.
-    Rows that do not count read nothing.
+    ``lse2`` is the log-sum-exp in base 2 (of ``x * scale2``), ``target2`` the label's ``x * scale2``, ``dlogp``
+    0 where the row does not count. Rows that do not count read nothing.
     """
-    lse2 = _row_logsumexp2(base, stride_v, tl.where(counted, vocab, 0), vocab, scale2, BLOCK_V)
+    lse2 = _row_logsumexp2(base, stride_v, tl.where(counted, vocab, 0), vocab, scale2, BLOCK_V, VEC)
     target2 = tl.load(base + tl.where(counted, label, 0) * stride_v, mask=counted, other=0.0).to(tl.float32) * scale2
     logp = tl.where(counted, (target2 - lse2) * _LN2, 0.0)
     loss, dlogp = _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS)
@@ -148,14 +177,7 @@ def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr
     tl.store(lse_ptr + row, tl.where(counted, lse2 * _LN2, 0.0))
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
     tl.store(dlogp_ptr + row, dlogp)
-    return lse2, dlogp
-
-
-@triton.jit
-def _grad_block(x, cols, label, lse2, scale2, coef):
-    """``coef * (onehot(label) - softmax)`` of a block; ``x`` is -inf where not read (softmax 0)."""
-    softmax = tl.exp2(x.to(tl.float32) * scale2 - lse2)
-    return coef * (tl.where(cols == label, 1.0, 0.0) - softmax)
+    return lse2, target2, dlogp
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,13 +189,13 @@ def _logprob_fwd_kernel(
     labels_ptr, aux_ptr, adv_ptr,
     logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
     vocab, inv_temperature, param0, param1,
-    LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
     label = tl.load(labels_ptr + row)
     _row_forward(base, stride_v, row, label, label >= 0, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
-                 vocab, inv_temperature * _LOG2E, param0, param1, LOSS, BLOCK_V)
+                 vocab, inv_temperature * _LOG2E, param0, param1, LOSS, BLOCK_V, VEC)
 
 
 @triton.jit
@@ -182,31 +204,44 @@ def _logprob_fwd_grad_kernel(
     grad_ptr, grad_stride_outer, grad_stride_inner, grad_stride_v,
     labels_ptr, aux_ptr, adv_ptr, row_scale_ptr,
     logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
-    vocab, inv_temperature, param0, param1,
-    LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
+    rows, vocab, inv_temperature, param0, param1,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
-    label = tl.load(labels_ptr + row)
-    counted = label >= 0
+    # Persistent: the launcher starts as many programs as it wants rows in flight (`grad_programs`), and each
+    # takes every num_programs-th row, so the rows resident at once do not depend on the compiler's registers.
     scale2 = inv_temperature * _LOG2E
-    lse2, dlogp = _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr,
-                               dlogp_ptr, vocab, scale2, param0, param1, LOSS, BLOCK_V)
-
-    # Second pass: the row was read a moment ago and is still in L2. Its loads are the last use of each line
-    # and the gradient is not read again by this kernel: both are marked evict-first so that they do not
-    # push out the rows other programs are about to re-read.
-    coef = tl.load(row_scale_ptr) * dlogp * inv_temperature  # 0 for rows that do not count
-    lse2 = tl.where(counted, lse2, 0.0)  # rows that do not count: x = -inf everywhere, softmax exp2(-inf) = 0
-    read_to = tl.where(counted, vocab, 0)
-    grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
+    grad_scale = tl.load(row_scale_ptr) * inv_temperature
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab, BLOCK_V):
-        x = tl.load(base + (start + cols) * stride_v, mask=start + cols < read_to, other=float("-inf"),
-                    eviction_policy="evict_first")
-        grad = _grad_block(x, start + cols, label, lse2, scale2, coef)
-        tl.store(grad_base + (start + cols) * grad_stride_v, grad.to(grad_ptr.dtype.element_ty),
-                 mask=start + cols < vocab, eviction_policy="evict_first")
+    for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):  # int64 row offsets
+        base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
+        label = tl.load(labels_ptr + row)
+        counted = label >= 0
+        lse2, target2, dlogp = _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr,
+                                            lse_ptr, loss_ptr, dlogp_ptr, vocab, scale2, param0, param1, LOSS,
+                                            BLOCK_V, VEC)
+
+        # Second pass: the row was read a moment ago and is still in L2. Its loads are the last use of each
+        # line and the gradient is not read again by this kernel: both are marked evict-first so that they do
+        # not push out the rows other programs are about to re-read. Every column gets -coef * softmax (two
+        # instructions and an exponential per logit, no per-column label test); the label's column is
+        # corrected after the loop.
+        coef = grad_scale * dlogp  # 0 for rows that do not count
+        neg_coef = 0.0 - coef  # +0.0, not -0.0, when coef is 0: exact zero gradients
+        lse2 = tl.where(counted, lse2, 0.0)  # rows that do not count: x = -inf, softmax exp2(-inf) = 0
+        read_to = tl.where(counted, vocab, 0)
+        grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
+        for start in range(0, vocab, BLOCK_V):
+            x = tl.load(base + (start + cols) * stride_v, mask=start + cols < read_to, other=float("-inf"),
+                        eviction_policy="evict_first")
+            grad = neg_coef * tl.exp2(x.to(tl.float32) * scale2 - lse2)
+            tl.store(grad_base + (start + cols) * grad_stride_v, grad.to(grad_ptr.dtype.element_ty),
+                     mask=start + cols < vocab, eviction_policy="evict_first")
+        # The label's column is coef * (1 - softmax). The barrier orders this store after the loop's store of
+        # the same element, made by whichever thread held that column (it is outside the vocabulary loop).
+        tl.debug_barrier()
+        label_grad = coef - coef * tl.exp2(target2 - lse2)
+        tl.store(grad_base + tl.where(counted, label, 0) * grad_stride_v,
+                 label_grad.to(grad_ptr.dtype.element_ty), mask=counted)
 
 
 @triton.jit
@@ -224,9 +259,8 @@ def _logprob_bwd_kernel(
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
     # Rows that do not count read nothing: x = -inf gives softmax 0 and, with row_grad 0, exact zeros.
     x = tl.load(base + cols * stride_v, mask=cols < tl.where(label >= 0, vocab, 0), other=float("-inf"))
-    scale2 = inv_temperature * _LOG2E
-    grad = _grad_block(x, cols, label, tl.load(lse_ptr + row) * _LOG2E, scale2,
-                       tl.load(row_grad_ptr + row) * inv_temperature)
+    softmax = tl.exp2(x.to(tl.float32) * (inv_temperature * _LOG2E) - tl.load(lse_ptr + row) * _LOG2E)
+    grad = tl.load(row_grad_ptr + row) * inv_temperature * (tl.where(cols == label, 1.0, 0.0) - softmax)
     grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
     tl.store(grad_base + cols * grad_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
 
@@ -240,22 +274,29 @@ def _layout(rows3d: torch.Tensor) -> tuple[int, int, int, int]:
     return rows3d.stride(0), rows3d.stride(1), rows3d.stride(2), rows3d.shape[1]
 
 
+def _vector(rows3d: torch.Tensor) -> int:
+    """Columns per 16-byte vector: the group size of the row pass's per-thread running max and sum."""
+    return 16 // rows3d.element_size()
+
+
 def _forward_launch(rows3d, labels, aux, adv, outputs, *, loss_kind, inv_temperature, param0, param1):
     vocab = rows3d.shape[-1]
     block, num_warps = block_config(vocab)
     args = (rows3d, *_layout(rows3d), labels, aux, adv, *outputs, vocab, inv_temperature, param0, param1)
     return _logprob_fwd_kernel, (labels.numel(),), args, {"LOSS": loss_kind, "BLOCK_V": block,
-                                                          "num_warps": num_warps}
+                                                          "VEC": _vector(rows3d), "num_warps": num_warps}
 
 
 def _forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, *, loss_kind, inv_temperature, param0,
-                         param1):
-    vocab = rows3d.shape[-1]
+                         param1, limits=None):
+    rows, vocab = labels.numel(), rows3d.shape[-1]
     block, num_warps = grad_block_config(vocab)
-    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale, *outputs, vocab,
+    sms, l2_bytes = limits or _device_limits(rows3d.device)
+    programs = grad_programs(rows, vocab * rows3d.element_size(), num_warps, sms, l2_bytes)
+    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale, *outputs, rows, vocab,
             inv_temperature, param0, param1)
-    return _logprob_fwd_grad_kernel, (labels.numel(),), args, {"LOSS": loss_kind, "BLOCK_V": block,
-                                                               "num_warps": num_warps}
+    return _logprob_fwd_grad_kernel, (programs,), args, {"LOSS": loss_kind, "BLOCK_V": block,
+                                                         "VEC": _vector(rows3d), "num_warps": num_warps}
 
 
 def _backward_launch(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
@@ -327,11 +368,12 @@ def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS):
     """Every launch the launchers make for ``vocabs`` x ``dtypes`` x ``kinds``, as they make it.
 
     Yields dicts with ``kernel`` (the JIT function), ``pass`` ("forward", "forward_grad", "backward"),
-    ``kind`` (a `LossKind` name; None for the backward), ``dtype``, ``vocab``, ``args`` and ``meta`` (the
-    launch's positional arguments and keywords). The arguments are meta-device tensors laid out as a
-    causal LM passes them (``logits[:, :-1]`` of a contiguous ``(8, 512, V)`` buffer; the gradient a fresh
-    contiguous buffer), so Triton's runtime specialisation (16-byte aligned pointers, integers divisible by
-    16, unit strides) applied to them is the one a real call gets.
+    ``kind`` (a `LossKind` name; None for the backward), ``dtype``, ``vocab``, ``grid``, ``args`` and ``meta``
+    (the launch's grid, positional arguments and keywords; forward_grad's grid as on an H100). The arguments
+    are meta-device tensors laid out as a causal LM passes them (``logits[:, :-1]`` of a contiguous
+    ``(8, 512, V)`` buffer; the gradient a fresh contiguous buffer), so Triton's runtime specialisation
+    (16-byte aligned pointers, integers divisible by 16, unit strides) applied to them is the one a real call
+    gets.
     """
     for vocab in vocabs:
         for dtype in dtypes:
@@ -348,13 +390,14 @@ def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS):
                 params = {"loss_kind": kind.id, "inv_temperature": 1.0, "param0": 0.5, "param1": 2.0}
                 launch = _forward_launch(logits, labels, aux, adv, tuple(floats), **params)
                 yield _variant("forward", kind.name, launch, **common)
-                launch = _forward_grad_launch(logits, labels, aux, adv, out3d, row_scale, tuple(floats), **params)
+                launch = _forward_grad_launch(logits, labels, aux, adv, out3d, row_scale, tuple(floats), **params,
+                                              limits=(DEFAULT_SMS, DEFAULT_L2_BYTES))
                 yield _variant("forward_grad", kind.name, launch, **common)
             launch = _backward_launch(logits, labels, floats[1], floats[3], out3d, inv_temperature=1.0)
             yield _variant("backward", None, launch, **common)
 
 
 def _variant(pass_name, kind, launch, *, dtype, vocab):
-    kernel, _, args, meta = launch
+    kernel, grid, args, meta = launch
     return {"kernel": kernel, "pass": pass_name, "kind": kind, "dtype": dtype, "vocab": vocab, "args": args,
-            "meta": meta}
+            "meta": meta, "grid": grid}

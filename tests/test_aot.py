@@ -82,11 +82,10 @@ def test_sass_reading_on_a_synthetic_listing():
                                     "loop_barriers": 1}
 
 
-def test_rows_in_flight_on_an_h100():
-    row = aot.VariantReport("k", "forward_grad", "bfloat16", 50400, 16384, 32, registers=51)
-    assert row.rows_in_flight_bytes(2) == 132 * 50400 * 2  # one 1,024-thread program per SM
-    row.registers = 32
-    assert row.rows_in_flight_bytes(2) == 2 * 132 * 50400 * 2
+def test_rows_in_flight_of_forward_grad():
+    row = aot.VariantReport("k", "forward_grad", "bfloat16", 50400, 16384, 32, programs=132)
+    assert row.rows_in_flight_bytes(2) == 132 * 50400 * 2
+    assert aot.VariantReport("k", "forward", "bfloat16", 50400, 4096, 8).rows_in_flight_bytes(2) is None
 
 
 @needs_toolchain

@@ -15,6 +15,7 @@ from conftest import assert_close_rel
 from apa_fast.kinds import KINDS, LOGPROB
 
 HYPER = {"lam": 0.5, "clip_eps": 0.2, "max_weight": 5.0}
+UNPATCHED_GRAD_PROGRAMS = K.grad_programs  # the fixture below replaces it in every test
 # Relative L2 tolerances: values are float32-accurate whatever the input dtype; gradients are stored in the
 # logits' dtype (the interpreter truncates bf16/fp16 stores where a GPU rounds: up to one unit in the last place).
 VALUE_TOL = 2e-5
@@ -23,9 +24,11 @@ GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 64 columns (both kernels): a vocabulary of a few hundred spans several blocks."""
+    """Blocks of 64 columns (both kernels): a vocabulary of a few hundred spans several blocks. The persistent
+    forward-with-gradient kernel runs two programs, so that each program takes several rows in turn."""
     monkeypatch.setattr(K, "MAX_BLOCK_V", 64)
     monkeypatch.setattr(K, "MAX_GRAD_BLOCK_V", 64)
+    monkeypatch.setattr(K, "grad_programs", lambda rows, *args: min(rows, 2))
 
 
 def _params(kind):
@@ -95,6 +98,16 @@ def _labels(rows, vocab, not_counted=()):
     labels = torch.randint(0, vocab, (rows,), dtype=torch.int32)
     labels[list(not_counted)] = -1
     return labels
+
+
+def test_rows_in_flight_of_the_persistent_kernel():
+    """On an H100 (132 SMs, 50 MB L2): one row per SM for GPT-J's bf16 rows (100.8 KB), more for small rows,
+    never more programs than rows or than the SMs hold (2,048 threads each)."""
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 50400 * 2, 32) == 132
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 151936 * 4, 32) == 132  # too big for the share: still every SM
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 4096 * 2, 8) == 132 * 8  # small rows: as many as the SMs hold
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 16384 * 2, 32) == 132 * 2
+    assert UNPATCHED_GRAD_PROGRAMS(5, 50400 * 2, 32) == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
