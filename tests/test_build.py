@@ -15,8 +15,9 @@ import sys
 import time
 
 import pytest
+import torch
 
-from apa_fast import _ext_build
+from apa_fast import _dispatch, _ext_build
 
 HIDE_INSTALLED = "import sys; sys.modules['apa_fast._C'] = None\n"
 BUILD_LINE = "apa_fast: building apa_fast._C"
@@ -185,3 +186,15 @@ def test_an_interrupted_build_counts_as_absent(tmp_path, monkeypatch):
     assert _ext_build.state(plan) == "failed"
     (plan.directory / _ext_build.KEY_FILE).write_text("{}")
     assert _ext_build.state(plan) == "built"
+
+
+def test_cuda_tensors_never_start_a_build_without_the_cuda_kernel(monkeypatch):
+    cpu_only = dataclasses.replace(_ext_build.plan(), cuda=None, cuda_archs=None,
+                                   no_cuda_reason="torch 2.13.0+cpu is a CPU build")
+    monkeypatch.setattr(_ext_build, "plan", lambda: cpu_only)
+    monkeypatch.setattr(_dispatch, "_status", _dispatch.ExtensionStatus(None, "not built", "/cache/x"))
+    monkeypatch.setattr(_dispatch, "_find_extension", lambda build: pytest.fail("a build was started"))
+    cuda = torch.device("cuda")
+    assert _dispatch.pick_gae_backend("auto", cuda) == "torch"
+    with pytest.raises(RuntimeError, match="CUDA kernel cannot be built here: torch 2.13.0.cpu is a CPU build"):
+        _dispatch.pick_gae_backend("cuda", cuda)
