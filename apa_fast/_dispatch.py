@@ -180,9 +180,9 @@ def _find_extension(build: bool) -> ExtensionStatus:
     except _ext_build.BuildFailed as exc:
         return ExtensionStatus(None, "failed build", directory, "\n".join(filter(None, [str(exc), passed_over])))
     if module is None:
-        return ExtensionStatus(None, "not built", directory,
-                               f"the first call that needs it builds {build_plan.describe()} into {directory}, "
-                               f"or run `python -m apa_fast.build`; {passed_over}".rstrip("; "))
+        plan_text = (f"the first call that needs it builds {build_plan.describe()} into {directory}, or run "
+                     "`python -m apa_fast.build`")
+        return ExtensionStatus(None, "not built", directory, "; ".join(filter(None, [plan_text, passed_over])))
     return ExtensionStatus(module, "cached build", module.__file__, passed_over)
 
 
