@@ -284,6 +284,7 @@ def test_bad_metrics_line_before_the_end_is_refused_naming_the_line(run):
 
 @pytest.mark.parametrize(("content", "last_step", "kept", "torn"), [
     ('{"step": 1}\n{"step": 2}\n{"step": 3}\n', 2, [1, 2], False),
+    ('{"step": 1}\n{"step": 2, "re\n\n  \n', 5, [1], True),  # blank lines after the torn one
     ('{"step": 1}\n\n{"step": 2}\n{"st', 5, [1, 2], True),
     ('{"step": 1}\n{"step": "2"}', 5, [1], True),
     ('{"step": 1}\n[2]\n', 5, [1], True),

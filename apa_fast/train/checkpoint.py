@@ -327,6 +327,7 @@ def truncate_metrics(metrics_path: Path, last_step: int) -> str | None:
     if not metrics_path.is_file():
         return None
     lines = metrics_path.read_text(errors="replace").splitlines() if last_step > 0 else []
+    last_number = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     kept, note = [], None
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -336,7 +337,7 @@ def truncate_metrics(metrics_path: Path, last_step: int) -> str | None:
             if not isinstance(step, int):
                 raise TypeError(f"step {step!r} is not an integer")
         except (ValueError, TypeError, KeyError) as exc:
-            if number < len(lines):
+            if number < last_number:
                 raise CheckpointError(f"{metrics_path}: line {number} is not a metrics record ({exc}); only a "
                                       "torn last line is dropped on resume") from exc
             note = f"{metrics_path}: dropped a torn last line (line {number}, {len(line)} characters)"

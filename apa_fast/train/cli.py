@@ -1,4 +1,7 @@
-"""``apa-train`` / ``python -m apa_fast.train``: parse the command line into a TrainConfig and run it."""
+"""``apa-train`` / ``python -m apa_fast.train``: parse the command line into a TrainConfig and run it.
+
+``apa-train frontier ...`` runs the reward-KL sweep instead (`apa_fast.train.frontier`).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="apa-train",
         description="Fine-tune a causal LM with APA (or the PPO / AWR baselines) on DeepSpeed. "
-                    "Without --config: the embedded tiny default (random-init GPT-J, CPU, a few minutes).",
+                    "Without --config: the embedded tiny default (random-init GPT-J, CPU, a few minutes). "
+                    "`apa-train frontier --help`: the reward-KL sweep over lam / KL coefficients and seeds.",
     )
     parser.add_argument("--config", help="YAML file of TrainConfig fields")
     parser.add_argument("--output-dir", help="run directory: metrics.jsonl, curves.png, checkpoints/")

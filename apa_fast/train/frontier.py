@@ -255,6 +255,7 @@ def plot_frontier(records: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for index, ((algorithm, parameter), by_value) in enumerate(curves(records).items()):
@@ -271,8 +272,13 @@ def plot_frontier(records: list[dict], path: Path, title: str) -> None:
                         color=COLORS.get(algorithm))
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=COLORS.get(algorithm),
                     linestyle=("-", "--", ":")[index % 3], label=f"{algorithm.upper()} ({parameter})")
-    ax.set_xscale("symlog", linthresh=1.0)  # KL spans decades; an estimate near 0 may be slightly negative
-    ax.set_xlabel("KL to pi_init (nats per sequence)")
+    # KL spans decades: a log axis, symmetric-log when an estimate near 0 came out negative (it is a sample mean).
+    if min(r["kl"] for r in records) > 0:
+        ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel("KL to pi_init (nats per sequence)   [up and to the left is better]")
     ax.set_ylabel("reward")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
