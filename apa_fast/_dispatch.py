@@ -69,9 +69,6 @@ def pick_loss_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and reason is None else "torch"
 
 
-# torch.compile runs this once, while tracing (loading or building the extension then, which Dynamo could not
-# trace), and bakes its answer into the graph: the extension is resolved once a process anyway.
-@torch.compiler.assume_constant_result
 def _gae_kernel_unavailable_reason(device_type: str, build: bool) -> str | None:
     if device_type not in ("cpu", "cuda"):
         return f"the compiled GAE kernels do not support device type {device_type!r}"

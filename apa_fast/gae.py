@@ -43,10 +43,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         inputs' device; ``returns = advantages + values`` (unwhitened). Both are 0 at masked-out positions.
         They carry no gradient: rewards and values are read as data (the compiled op sits outside autograd).
 
-    Under ``torch.compile(fullgraph=True)`` the backend is picked once, while tracing (building the extension
-    then if need be); the compiled kernels enter the graph as the op ``apa_fast::gae`` (fake kernel:
-    `gae_fake`) and the torch path is traced like any PyTorch code. A bad argument fails the trace with the
-    eager error's message inside Dynamo's.
+    Under ``torch.compile(fullgraph=True)`` everything after the argument checks is one op,
+    ``apa_fast::gae_dispatch``, with a fake kernel: no graph break, and the backend is picked (the extension
+    loaded or built) when it runs, as in eager, so an explicit backend that cannot run raises the same
+    RuntimeError. A bad tensor or coefficient fails the trace instead, with the eager message inside Dynamo's.
 
     Raises:
         ValueError: a tensor is not 2-D, the shapes or devices differ, gamma or lam is outside [0, 1], or the
@@ -54,23 +54,41 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
             asked for cannot run here (the message says why).
     """
     _check_inputs(rewards, values, mask, gamma, lam)
+    return _gae_op(rewards.detach(), values.detach(), None if mask is None else mask.detach(), float(gamma),
+                   float(lam), bool(whiten), backend)
+
+
+# One op for everything after validation, so that torch.compile sees `gae` whole (through the fake kernel)
+# and, as in eager, the backend is picked, and the extension loaded or built, when it runs, not while tracing.
+@torch.library.custom_op("apa_fast::gae_dispatch", mutates_args=())
+def _gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, gamma: float, lam: float,
+            whiten: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = pick_gae_backend(backend, rewards.device)
     input_dtype = torch.promote_types(rewards.dtype, values.dtype)  # the kernels read 16-bit inputs as they are
-    rewards, values = rewards.detach().to(input_dtype), values.detach().to(input_dtype)
-    valid = None if mask is None else mask.detach().bool()
+    rewards, values = rewards.to(input_dtype), values.to(input_dtype)
+    valid = None if mask is None else mask.bool()
     if chosen == "torch":
-        return _gae_torch(rewards, values, valid, float(gamma), float(lam), bool(whiten))
-    return torch.ops.apa_fast.gae(rewards, values, valid, float(gamma), float(lam), bool(whiten))
+        return _gae_torch(rewards, values, valid, gamma, lam, whiten)
+    return torch.ops.apa_fast.gae(rewards, values, valid, gamma, lam, whiten)
+
+
+@_gae_op.register_fake
+def _gae_op_fake(rewards, values, mask, gamma, lam, whiten, backend):
+    return _empty_outputs(rewards, torch.promote_types(rewards.dtype, values.dtype))
 
 
 def gae_fake(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, gamma: float, lam: float,
              whiten: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fake kernel of `torch.ops.apa_fast.gae` (registered by `_dispatch` when the extension loads): the
-    outputs' metadata for torch.compile, ``(B, T)`` contiguous float32 (float64 for float64 inputs).
+    """The fake kernel of the compiled op `torch.ops.apa_fast.gae` (registered by `_dispatch` when the extension
+    loads): the outputs' metadata, ``(B, T)`` contiguous float32 (float64 for float64 inputs).
 
-    The op has no autograd formula: its outputs never require grad, whatever the inputs (`gae` detaches them;
-    GAE's rewards and values are data, not parameters)."""
-    dtype = _compute_dtype(rewards.dtype)
+    Neither op has an autograd formula: their outputs never require grad (`gae` detaches its inputs, and the
+    compiled op sits outside autograd: GAE's rewards and values are data, not parameters)."""
+    return _empty_outputs(rewards, rewards.dtype)
+
+
+def _empty_outputs(rewards: torch.Tensor, input_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = _compute_dtype(input_dtype)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 

@@ -233,9 +233,19 @@ def test_compiled_op_passes_opcheck(layout, dtype, whiten):
                           (rewards, values, make_mask(layout, 5, 67), 0.99, 0.95, whiten))
 
 
+@pytest.mark.parametrize("layout", ["no_mask", "holes"])
+def test_dispatch_op_passes_opcheck(backend, layout):
+    """`gae` after validation is the op apa_fast::gae_dispatch, whatever the backend: mixed input dtypes and a
+    0/1 mask go in as they are."""
+    rewards, values = make_inputs(4, 50)
+    mask = make_mask(layout, 4, 50)
+    mask = None if mask is None else mask.long()
+    torch.library.opcheck(torch.ops.apa_fast.gae_dispatch.default,
+                          (rewards, values.bfloat16(), mask, 0.99, 0.95, True, backend))
+
+
 def test_compiles_without_graph_breaks_and_matches_eager(backend):
-    """fullgraph=True fails on any graph break: the backend pick runs once at trace time, the C++ kernel is an
-    opaque op with a fake kernel, the torch path traces into Inductor."""
+    """fullgraph=True fails on any graph break: after the argument checks, gae is one op with a fake kernel."""
     rewards, values = make_inputs(6, 200)
     mask = make_mask("holes", 6, 200)
     step = lambda r, v, m: gae(r, v, m, gamma=0.99, lam=0.95, whiten=True, backend=backend)
