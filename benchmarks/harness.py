@@ -3,7 +3,7 @@
 A benchmark describes one measurement as a ``step`` (the timed work) and an optional ``setup`` (untimed work
 before each round, returning the step's arguments), then calls `measure`:
 
-    result = measure(benchmark, step, setup=setup, device=device, floor_bytes=3 * logits.nbytes)
+    result = measure(benchmark, step, setup=setup, device=device, floor_bytes=2 * logits.nbytes)
     append_record(device, op=..., provider=..., **result)
 
 On CUDA each round is timed with CUDA events around the step and synchronised; on a CPU with
