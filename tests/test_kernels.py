@@ -14,7 +14,7 @@ import torch
 from apa_fast.kernels import logprob as K
 from conftest import assert_close_rel, rel_err
 
-from apa_fast.kinds import KINDS, LOGPROB
+from apa_fast.kinds import APA, KINDS, LOGPROB
 
 HYPER = {"lam": 0.5, "clip_eps": 0.2, "max_weight": 5.0}
 UNPATCHED_GRAD_PROGRAMS = K.grad_programs  # the fixture below replaces it in every test
@@ -239,16 +239,17 @@ def test_extreme_temperatures_stay_finite(temperature):
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU and TRITON_INTERPRET=0 (the compiled kernels)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("vocab", [50400, 50257, 1000])
+@pytest.mark.parametrize("vocab", [50400, 50257])
 def test_compiled_kernels_on_gpu(dtype, vocab):
     """The compiled code (vector loads, the persistent grid with several rows per program, the label fix-up
-    after its barrier) on ``logits[:, :-1]`` with -inf blocks and lanes, rows that do not count, in place."""
+    after its barrier) on ``logits[:, :-1]`` with -inf blocks and lanes, rows that do not count, in place.
+    Every kind in bf16, APA in the other dtypes (each variant is a compile: the GPU script's time is short)."""
     rows3d = (torch.randn(4, 100, vocab, device="cuda") * 3).to(dtype)[:, :-1]
     rows3d[0, 0, :min(4096, vocab // 2)] = float("-inf")  # a whole leading block where V allows
     rows3d[0, 1, 5::64] = float("-inf")
     labels = _labels(396, vocab, not_counted=range(7, 396, 11)).cuda()
     labels[:2] = torch.tensor([vocab - 1, 6])  # finite logits at the labels of the two rows with -inf
-    for kind in KINDS:
+    for kind in KINDS if dtype == torch.bfloat16 else (APA,):
         _check_all_passes(rows3d, labels, kind, inv_temperature=1.25)
     in_place = rows3d.clone()
-    _check_all_passes(in_place, labels, KINDS[1], out3d=in_place)
+    _check_all_passes(in_place, labels, APA, out3d=in_place)
