@@ -12,9 +12,9 @@ checkpoints. Per micro-batch the loss is
     sum over completion tokens of (logp - ref_logp - A / apa_lam) ** 2  /  N
 
 with ``logp`` the policy's log-probability of each completion token at TRL's sampling ``temperature``,
-``ref_logp`` the same under pi_init, and ``N`` the number of completion tokens in one optimizer step's batch
-on this rank (TRL's token-level normalisation, that of ``loss_type="dapo"``): gradient accumulation and data
-parallel ranks add up to the token mean over the global batch.
+``ref_logp`` the same under pi_init, and ``N`` the completion tokens of one optimizer step's global batch
+divided by the number of ranks (TRL's token-level normalisation, that of ``loss_type="dapo"``): gradient
+accumulation and data-parallel ranks add up to the token mean over the global batch.
 
 - ``beta``: APA's squared error is its own anchor to pi_init, so TRL's KL penalty is not added. With
   ``beta == 0`` (TRL's default) TRL loads no reference model; this trainer then keeps a frozen copy of the
