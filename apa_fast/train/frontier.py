@@ -113,8 +113,8 @@ def plan(base: TrainConfig, specs: list[str], seeds: int, out: Path) -> list[tup
 
 
 def check_saved_config(cfg: TrainConfig) -> None:
-    """Write the point's ``config.yaml``, or check that the one there (a previous sweep's) matches but for
-    ``max_steps``: resuming a run under another config would mix two experiments in one curve."""
+    """Write the point's ``config.yaml``, after checking that the one there (a previous sweep's) has the same
+    values: resuming a run under another config would mix two experiments in one curve."""
     path = Path(cfg.output_dir) / "config.yaml"
     wanted = config_dict(cfg)
     if path.is_file():
@@ -123,7 +123,9 @@ def check_saved_config(cfg: TrainConfig) -> None:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise GridError(f"{path}: cannot be read ({type(exc).__name__}); delete the point's folder to redo "
                             "it") from exc
-        changed = sorted(k for k in wanted if k != "max_steps" and (saved or {}).get(k) != wanted[k])
+        saved = saved if isinstance(saved, dict) else {}
+        # max_steps may grow (the runs extend); output_dir is the folder itself, however it was spelled.
+        changed = sorted(k for k in wanted if k not in ("max_steps", "output_dir") and saved.get(k) != wanted[k])
         if changed:
             raise GridError(f"{path}: this point ran with other values of {changed}; use another --output-dir, "
                             "or delete the point's folder to redo it")

@@ -177,6 +177,29 @@ def start_over(out: Path) -> None:
     (out / "curves.png").unlink(missing_ok=True)
 
 
+def open_run(cfg: TrainConfig, resume: bool, overwrite: bool, rank: int, world_size: int) -> tuple[Path | None, dict]:
+    """``(checkpoint, trainer_state)`` of the run to continue (``(None, {"step": 0})`` to start one).
+
+    The previous run is deleted only when ``overwrite`` asks, and only after every rank has looked; a run
+    already at ``max_steps`` is left as it is. Notes for the user go out from rank 0.
+    """
+    out = Path(cfg.output_dir)
+    checkpoint, note = prepare_output_dir(out, resume, overwrite)
+    state = read_trainer_state(checkpoint) if checkpoint is not None else {"step": 0}
+    if checkpoint is not None and state.get("world_size") != world_size:
+        raise CheckpointError(f"{checkpoint} was written by {state.get('world_size')} processes; resume with as "
+                              f"many (this run has {world_size})")
+    torch.distributed.barrier()  # every rank has read `latest` before rank 0 may write a new one
+    if rank == 0:
+        if note:
+            print(f"apa-train: {note}")
+        if state["step"] >= cfg.max_steps:
+            print(f"apa-train: {out} is already at step {state['step']} (max_steps {cfg.max_steps}): nothing to run")
+        elif overwrite:
+            start_over(out)
+    return checkpoint, state
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> list[dict]:
     """Run steps until ``cfg.max_steps``; returns the metrics of the steps this call ran.
 
@@ -196,25 +219,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
             raise ConfigError(f"{name} ({getattr(cfg, name)}) must be a multiple of the world size ({world_size})",
                               name)
     out = Path(cfg.output_dir)
-    checkpoint, note = prepare_output_dir(out, resume, overwrite)
-    state = read_trainer_state(checkpoint) if checkpoint is not None else {"step": 0}
-    if checkpoint is not None and state.get("world_size") != world_size:
-        raise CheckpointError(f"{checkpoint} was written by {state.get('world_size')} processes; resume with as "
-                              f"many (this run has {world_size})")
-    torch.distributed.barrier()  # every rank has read `latest` before rank 0 may write a new one
-    plotting = plotting_available()
-    if rank == 0:
-        if note:
-            print(f"apa-train: {note}")
-        if not plotting:
-            print("apa-train: warning: matplotlib is not installed, curves.png will not be written "
-                  "(pip install 'apa_fast[train]')")
-        if state["step"] >= cfg.max_steps:
-            print(f"apa-train: {out} is already at step {state['step']} (max_steps {cfg.max_steps}): nothing to run")
+    checkpoint, state = open_run(cfg, resume, overwrite, rank, world_size)
     if state["step"] >= cfg.max_steps:
         return []
-    if rank == 0 and overwrite:
-        start_over(out)
+    plotting = plotting_available()
+    if rank == 0 and not plotting:
+        print("apa-train: warning: matplotlib is not installed, curves.png will not be written "
+              "(pip install 'apa_fast[train]')")
 
     prompts = load_prompts(cfg.dataset, cfg.dataset_split)
     tokenizer = load_tokenizer(cfg, prompts)
