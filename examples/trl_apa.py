@@ -3,7 +3,7 @@
 A random-init Llama (2 layers, hidden 64) and a byte-level BPE tokenizer trained here on the prompts; the
 reward asks for the letter "e". Needs the trl extra: pip install 'apa_fast[trl]'.
 
-Run: python examples/trl_apa.py [--mode logits|linear] [--steps 16]   (about 25 s of CPU time)
+Run: python examples/trl_apa.py [--mode logits|linear] [--steps 16]   (under 30 s on 2 CPU cores)
      python examples/trl_apa.py --baseline        (TRL's own GRPOTrainer on the same setup, for the step time)
 """
 

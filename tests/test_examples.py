@@ -15,7 +15,7 @@ def test_fused_loss_example_runs():
 
 
 def test_trl_apa_example_runs():
-    """examples/trl_apa.py, shortened to 2 optimizer steps (the default 16 take ~25 s of CPU time)."""
+    """examples/trl_apa.py, shortened to 2 optimizer steps (the default 16 take up to 30 s on 2 cores)."""
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "trl_apa.py"), "--steps", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
