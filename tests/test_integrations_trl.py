@@ -166,10 +166,12 @@ def test_trl_apa_both_modes(tmp_path, tokenizer, monkeypatch, bf16):
         assert not unchanged, f"parameters without gradient: {unchanged}"
         logged = [h for h in trainer.state.log_history if "apa/residual" in h]
         assert len(logged) == 2 and all("apa/logp_minus_ref" in h for h in logged)
-        first[mode] = head_call
-    # Same seed, same weights: both modes score the same first completions, to rounding.
-    torch.testing.assert_close(first["linear"][1][2], first["logits"][1][1])
-    torch.testing.assert_close(first["linear"][3], first["logits"][3], rtol=0, atol=MODES_TOL[bf16])
+        first[mode] = steps[0]
+    # Same seed, same weights: both modes score the same first completions, to rounding, and give the same loss.
+    (linear_head, linear_loss), (logits_head, logits_loss) = first["linear"], first["logits"]
+    torch.testing.assert_close(linear_head[1][2], logits_head[1][1])
+    torch.testing.assert_close(linear_head[3], logits_head[3], rtol=0, atol=MODES_TOL[bf16])
+    assert linear_loss[3].item() == pytest.approx(logits_loss[3].item(), rel=MODES_TOL[bf16])
 
 
 def test_trl_reference_from_trl_when_beta_is_set(tmp_path, tokenizer, monkeypatch):
