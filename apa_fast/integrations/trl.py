@@ -95,8 +95,7 @@ class APAGRPOTrainer(GRPOTrainer):
         if unsupported:
             raise ValueError(f"APAGRPOTrainer replaces GRPO's per-token loss; these options act on it and are not "
                              f"supported: {', '.join(unsupported)}")
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if apa_mode == "linear" and (zero3 or self.is_fsdp_enabled):
+        if apa_mode == "linear" and self._apa_sharded():
             raise ValueError("apa_mode='linear' reads the lm_head weight outside its module, which DeepSpeed ZeRO-3 "
                              "and FSDP shard; use apa_mode='logits'")
         if self.beta != 0.0:
@@ -112,14 +111,18 @@ class APAGRPOTrainer(GRPOTrainer):
             logger.warning("APAGRPOTrainer: dropout is active, so the first-step check of logp == ref_logp is off "
                            "(set disable_dropout=True to keep it)")
 
+    def _apa_sharded(self) -> bool:
+        """True when parameters are sharded across ranks (FSDP or DeepSpeed ZeRO-3)."""
+        return self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                        and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
     # ---- the reference log-probs --------------------------------------------------------------------------
 
     def _apa_make_reference(self):
         """pi_init when TRL loads none (beta == 0): a frozen copy of the policy, or None for a PEFT policy."""
         if is_peft_model(self.model):
             return None  # scored with the adapter disabled, as TRL does
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
-                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+        if self._apa_sharded():
             raise ValueError("APAGRPOTrainer with beta == 0 copies the policy as its reference, which cannot be done "
                              "on FSDP or ZeRO-3 shards: set beta to any non-zero value (TRL then loads the reference "
                              "from the model's path; APA does not use beta as a coefficient) or train a PEFT adapter")
@@ -211,6 +214,7 @@ class APAGRPOTrainer(GRPOTrainer):
         return head.weight, getattr(head, "bias", None)
 
     def _apa_log_and_check(self, logp, ref_logp, advantages, mask):
+        """Logs the apa/ metrics (token means over all ranks); before the first optimizer step, checks logp == ref."""
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
         mask = mask.to(logp.dtype)
