@@ -36,7 +36,7 @@ import torch
 
 from . import _dispatch, zero3
 from .kinds import APA, LOGPROB, LossKind
-from .logprob import _not_twice_differentiable, device_guard, differentiable_once, implementation, scaled
+from .logprob import device_guard, differentiable_once, implementation, not_twice_differentiable, scaled
 from .rows import as_rows3d, denominator, reduce_rows, upstream_scale
 from .validation import (
     check_float_rows,
@@ -332,7 +332,7 @@ def _linear_backward(ctx, grad_output, *unused):
 
 
 torch.library.register_autograd("apa_fast::linear_forward", _linear_backward, setup_context=_setup_linear)
-torch.library.register_autograd("apa_fast::linear_backward", _not_twice_differentiable,
+torch.library.register_autograd("apa_fast::linear_backward", not_twice_differentiable,
                                 setup_context=lambda ctx, inputs, output: None)
 
 

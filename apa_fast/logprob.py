@@ -202,7 +202,7 @@ def _(grad, anchor):
     return torch.empty_like(grad)
 
 
-def _not_twice_differentiable(*_):
+def not_twice_differentiable(*_):
     raise RuntimeError("apa_fast ops are differentiable once: the gradient of their gradient (double backward, "
                        "e.g. a gradient penalty through torch.autograd.grad(create_graph=True)) is not supported")
 
@@ -211,7 +211,7 @@ torch.library.register_autograd("apa_fast::logprob_forward", _forward_backward, 
 torch.library.register_autograd("apa_fast::logprob_loss_and_grad", _loss_and_grad_backward,
                                 setup_context=_setup_loss_and_grad)
 for _name in ("apa_fast::logprob_backward", "apa_fast::differentiable_once"):
-    torch.library.register_autograd(_name, _not_twice_differentiable, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(_name, not_twice_differentiable, setup_context=lambda ctx, inputs, output: None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Ops: ``apa_loss`` (`apa_fast.loss`, APA with lam 0.1 as its authors ran it) and 
   forward, the backward returns it);
 * ``torch``: `apa_fast.reference`, the unfused eager code a trainer runs today;
 * ``torch_compile``: ``torch.compile`` of that same reference (static shapes);
+* ``apa_fast_compiled``: ``torch.compile(fullgraph=True)`` of the loss step with apa_fast inside (its ops are
+  custom ops: no graph break), beside ``torch_compile``;
 * ``flash_attn`` / ``liger``: their fused cross-entropy kernels for the log-probs, with the APA epilogue in
   PyTorch; only where the package imports, on CUDA, and only if its gradient matches the reference.
 
@@ -53,6 +55,8 @@ DESIGN_PASSES = {
     ("apa_fast", None): {"forward": 1, "backward": 2, "full": 3},
     ("apa_fast", "inplace"): {"forward": 1, "backward": 2, "full": 3},
     ("apa_fast", "fused_grad"): {"forward": 2, "backward": 0, "full": 2},
+    # apa_fast's ops are opaque custom ops to torch.compile: the compiled step moves what the eager one does.
+    ("apa_fast_compiled", None): {"forward": 1, "backward": 2, "full": 3},
     # flash-attn's cross-entropy: lse forward; backward reads the logits and writes the gradient.
     ("flash_attn", None): {"forward": 1, "backward": 2, "full": 3},
     # Liger's cross-entropy writes the gradient into the logits during the forward; with per-token losses
@@ -133,8 +137,8 @@ def _cases(op, providers, modes, tokens, vocabs, dtypes):
 
 def grid_cases(grid: str, device: str) -> list[Case]:
     """The cases of ``grid`` ("small": CPU-sized, seconds; "full": the GPU grid, a few minutes on an H100)."""
-    compiled = ["torch_compile"]
-    every = ["apa_fast", "torch", "torch_compile", *installed_alternatives(device)]
+    compiled = ["torch_compile", "apa_fast_compiled"]
+    every = ["apa_fast", "torch", *compiled, *installed_alternatives(device)]
     if grid == "small":
         shape = CPU_SHAPE
         groups = [
@@ -264,6 +268,14 @@ def _compiled(op: str):
     return torch.compile(eager, dynamic=False)
 
 
+@functools.cache
+def _compiled_apa_fast(op: str):
+    """The whole loss step with apa_fast inside, compiled with fullgraph=True (no graph break allowed)."""
+    _compiled(op)  # the same dynamo limits
+    fused = apa_fast.loss if op == "apa_loss" else apa_fast.logprobs
+    return torch.compile(fused, dynamic=False, fullgraph=True)
+
+
 def op_function(case: Case):
     """``inputs -> output`` for the case's op and provider."""
     inplace = case.variant == "inplace"
@@ -273,6 +285,12 @@ def op_function(case: Case):
             return lambda x: _with_design(design, lambda: apa_fast.loss(
                 x["logits"], x["labels"], x["ref_logprobs"], x["advantages"], lam=LAM, inplace_backward=inplace))
         return lambda x: _with_design(design, lambda: apa_fast.logprobs(x["logits"], x["labels"]))
+    if case.provider == "apa_fast_compiled":
+        fn = _compiled_apa_fast(case.op)
+        if case.op == "apa_loss":
+            return lambda x: _with_design("0", lambda: fn(x["logits"], x["labels"], x["ref_logprobs"],
+                                                          x["advantages"], lam=LAM))
+        return lambda x: _with_design("0", lambda: fn(x["logits"], x["labels"]))
     if case.provider in ("torch", "torch_compile"):
         eager = case.provider == "torch"
         if case.op == "apa_loss":
@@ -307,16 +325,17 @@ def _environ(name: str, value: str):
 
 def backend_of(case: Case, device: str) -> str | None:
     """The apa_fast backend that "auto" resolves to on ``device`` (None for other providers)."""
-    if case.provider != "apa_fast":
+    if not case.provider.startswith("apa_fast"):
         return None
     return apa_fast._dispatch.pick_loss_backend("auto", torch.device(device))
 
 
 def unavailable_reason(case: Case, device: str) -> str | None:
     """Why the case cannot be measured meaningfully here, or None."""
-    if case.provider == "apa_fast" and str(device).startswith("cuda") and apa_fast._dispatch.interpreter_enabled():
+    ours = case.provider.startswith("apa_fast")
+    if ours and str(device).startswith("cuda") and apa_fast._dispatch.interpreter_enabled():
         return "TRITON_INTERPRET is set: the kernels would run in the interpreter (run benchmarks on their own)"
-    if case.provider == "apa_fast" or case.provider in _ALTERNATIVE_LOGPROBS:
+    if ours or case.provider in _ALTERNATIVE_LOGPROBS:
         return _gradient_mismatch(case.provider, case.variant, device)
     return None
 
@@ -333,13 +352,13 @@ def _gradient_mismatch(provider: str, variant: str | None, device: str) -> str |
         loss = op_function(case)(inputs)
         (grad,) = torch.autograd.grad(loss, inputs["logits"])
     except Exception as exc:  # e.g. an API change in a third-party package
-        if provider == "apa_fast":
+        if provider.startswith("apa_fast"):
             raise
         return f"{provider} failed on a small case ({type(exc).__name__}: {exc})"
     error = ((grad - expected_grad).norm() / expected_grad.norm()).item()
     if not error < 1e-3:
-        if provider == "apa_fast":  # our own op wrong is a failure, not a skip
-            raise AssertionError(f"apa_fast's gradient differs from the reference (relative error {error:.2e})")
+        if provider.startswith("apa_fast"):  # our own op wrong is a failure, not a skip
+            raise AssertionError(f"{provider}'s gradient differs from the reference (relative error {error:.2e})")
         return f"{provider}'s gradient differs from the reference (relative error {error:.2e})"
     return None
 

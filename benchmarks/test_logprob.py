@@ -27,7 +27,7 @@ def pytest_generate_tests(metafunc):
 
 def _rss_measured(case: providers.Case) -> bool:
     # torch.compile is left out on a CPU: its C++ compilation would cost as much again as the whole suite.
-    return case.mode == "full" and case.provider != "torch_compile"
+    return case.mode == "full" and case.provider not in ("torch_compile", "apa_fast_compiled")
 
 
 @pytest.fixture(scope="module")
