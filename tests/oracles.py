@@ -1,4 +1,5 @@
-"""Float64 oracles and random inputs shared by the tests of every op (and by the GPU tests and reports).
+"""Float64 oracles and random inputs shared by the tests of every op (and by the GPU tests and reports): the
+logits ops, GAE.
 
 Tolerances (relative L2 error against float64 on the same inputs, see `TOLERANCES`):
 - values are computed with float32 accumulation whatever the logits' dtype: 2e-5 for every dtype;
@@ -117,3 +118,54 @@ def check(kind, backend, logits, labels, aux, adv, mask, weights, *, what, **kwa
     return got_value, got_grad, want_value, want_grad
 
 
+# ----------------------------------------------------------------------------------------------------
+# GAE: the float64 per-timestep oracle and its inputs (test_gae.py, test_cuda_build.py).
+# ----------------------------------------------------------------------------------------------------
+def gae_oracle(rewards, values, mask=None, *, gamma, lam, whiten=False):
+    """Float64 GAE on the CPU, one time step at a time over all rows, straight from the definition."""
+    rewards, values = rewards.detach().double().cpu(), values.detach().double().cpu()
+    valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        here = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(valid[:, t], here, 0.0)
+        next_advantage = torch.where(valid[:, t], here, next_advantage)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+    returns = torch.where(valid, advantages + values, 0.0)
+    if whiten:
+        picked = advantages[valid]
+        std = picked.std() if picked.numel() > 1 else torch.zeros((), dtype=torch.float64)
+        advantages = torch.where(valid, (advantages - picked.mean()) / (std + 1e-8), 0.0)
+    return advantages, returns
+
+
+def gae_mask(layout, rows, cols):
+    """A (rows, cols) bool mask, or None; every layout leaves at least one valid position per row but empty_rows."""
+    if layout == "no_mask":
+        return None
+    lengths = torch.randint(1, cols + 1, (rows,))
+    positions = torch.arange(cols)
+    if layout == "right_padding":
+        return positions < lengths[:, None]
+    if layout == "left_padding":
+        return positions >= (cols - lengths)[:, None]
+    mask = torch.rand(rows, cols) < 0.6
+    mask[:, torch.randint(0, cols, ())] = True
+    if layout == "empty_rows":
+        mask[::2] = False
+    return mask
+
+
+def gae_inputs(rows, cols, dtype=torch.float32, device="cpu"):
+    """Rewards and values drawn away from zero (a zero input would hide a dropped term)."""
+    rewards = torch.randn(rows, cols, dtype=torch.float64) + 0.5
+    values = torch.rand(rows, cols, dtype=torch.float64) + 0.25
+    return rewards.to(dtype=dtype, device=device), values.to(dtype=dtype, device=device)
+
+
+def gae_tolerance(dtype, cols):
+    # float32 accumulation over a recurrence up to `cols` long; measured 3e-8 to 1e-6 relative (20,000 steps
+    # at gamma = lam = 1), so this leaves a margin of 5 to 10.
+    return 1e-12 if dtype == torch.float64 else 1e-7 * max(cols, 16) ** 0.5

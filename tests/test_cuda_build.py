@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_close_rel
-from test_gae import make_inputs, make_mask, oracle, tolerance
+from oracles import gae_inputs as make_inputs
+from oracles import gae_mask as make_mask
+from oracles import gae_oracle as oracle
+from oracles import gae_tolerance as tolerance
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"  # test-only: the package does not ship it

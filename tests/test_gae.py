@@ -8,6 +8,10 @@ tests that) and is skipped, with the reason, when there is none; the `cuda` test
 import pytest
 import torch
 from conftest import assert_close_rel
+from oracles import gae_inputs as make_inputs
+from oracles import gae_mask as make_mask
+from oracles import gae_oracle as oracle
+from oracles import gae_tolerance as tolerance
 
 from apa_fast import _dispatch
 from apa_fast.gae import gae
@@ -16,56 +20,6 @@ from apa_fast.reference import gae_loop
 CPU_BACKENDS = ("torch", "cpu")
 LAYOUTS = ("no_mask", "right_padding", "left_padding", "holes", "empty_rows")
 COEFFICIENTS = [(1.0, 0.95), (0.99, 0.0), (0.9, 1.0), (1.0, 1.0), (0.0, 0.7)]
-
-
-def oracle(rewards, values, mask=None, *, gamma, lam, whiten=False):
-    """Float64 GAE on the CPU, one time step at a time over all rows, straight from the definition."""
-    rewards, values = rewards.detach().double().cpu(), values.detach().double().cpu()
-    valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool().cpu()
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    next_value = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        here = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_advantage
-        advantages[:, t] = torch.where(valid[:, t], here, 0.0)
-        next_advantage = torch.where(valid[:, t], here, next_advantage)
-        next_value = torch.where(valid[:, t], values[:, t], next_value)
-    returns = torch.where(valid, advantages + values, 0.0)
-    if whiten:
-        picked = advantages[valid]
-        std = picked.std() if picked.numel() > 1 else torch.zeros((), dtype=torch.float64)
-        advantages = torch.where(valid, (advantages - picked.mean()) / (std + 1e-8), 0.0)
-    return advantages, returns
-
-
-def make_mask(layout, rows, cols):
-    """A (rows, cols) bool mask, or None; every layout leaves at least one valid position per row but empty_rows."""
-    if layout == "no_mask":
-        return None
-    lengths = torch.randint(1, cols + 1, (rows,))
-    positions = torch.arange(cols)
-    if layout == "right_padding":
-        return positions < lengths[:, None]
-    if layout == "left_padding":
-        return positions >= (cols - lengths)[:, None]
-    mask = torch.rand(rows, cols) < 0.6
-    mask[:, torch.randint(0, cols, ())] = True
-    if layout == "empty_rows":
-        mask[::2] = False
-    return mask
-
-
-def make_inputs(rows, cols, dtype=torch.float32, device="cpu"):
-    """Rewards and values drawn away from zero (a zero input would hide a dropped term)."""
-    rewards = torch.randn(rows, cols, dtype=torch.float64) + 0.5
-    values = torch.rand(rows, cols, dtype=torch.float64) + 0.25
-    return rewards.to(dtype=dtype, device=device), values.to(dtype=dtype, device=device)
-
-
-def tolerance(dtype, cols):
-    # float32 accumulation over a recurrence up to `cols` long; measured 3e-8 to 1e-6 relative (20,000 steps
-    # at gamma = lam = 1), so this leaves a margin of 5 to 10.
-    return 1e-12 if dtype == torch.float64 else 1e-7 * max(cols, 16) ** 0.5
 
 
 @pytest.fixture(params=CPU_BACKENDS)
