@@ -51,6 +51,8 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
+# A constant under torch.compile: evaluated once at trace time, not traced (it probes imports and caches).
+@torch.compiler.assume_constant_result
 def pick_loss_backend(backend: str, device: torch.device) -> str:
     """Resolve ``backend`` for the fused log-prob losses on tensors living on ``device``.
 
