@@ -345,6 +345,32 @@ def test_refused_inputs_name_the_argument(change, match):
         apa_fast.loss(logits, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_token_inputs_of_odd_dtypes_and_strides(backend, design):
+    logits, labels, aux, adv, mask, _ = make_inputs((3, 4), 13)
+    aux64 = aux.double().T.contiguous().T  # float64, column-major
+    adv16 = adv.to(torch.bfloat16)
+    want_value, want_grad = oracle("apa", logits, labels, aux64.float(), adv16.float(), mask, lam=0.3)
+    x = logits.clone().requires_grad_()
+    out = apa_fast.loss(x, labels.to(torch.int16).T.contiguous().T, aux64, adv16, mask.double().T.contiguous().T,
+                        lam=0.3, backend=backend)
+    out.backward()
+    _close(out, want_value, "value")
+    _close(x.grad, want_grad, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_all_masked_gives_zeros(backend, design):
+    hidden, weight, bias, labels, ref, adv, _, _ = linear_data((2, 3), 4, 13)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = apa_fast.linear_loss(leaves[0], leaves[1], labels, ref, adv, torch.zeros(2, 3), bias=leaves[2],
+                               backend=backend)
+    out.backward()
+    assert out.item() == 0.0
+    for leaf in leaves:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Linear ops against float64: which inputs need a gradient, bias or not, chunk_size=1, softcap, dtype mixes.
 # ----------------------------------------------------------------------------------------------------
@@ -456,6 +482,26 @@ def test_compile_linear_with_dynamic_true():
                              backend="aot_eager", dynamic=True)
     got = compiled(hidden, weight, labels, ref, adv, mask)
     _close(got, apa_fast.linear_loss(hidden, weight, labels, ref, adv, mask, backend="torch"), "value")
+
+
+def _step_with_hyper(x, labels, aux, adv, mask, normalizer, temperature):
+    return apa_fast.loss(x, labels, aux, adv, mask, backend="torch", normalizer=normalizer, temperature=temperature)
+
+
+@pytest.mark.xfail(strict=True, reason="default torch.compile(fullgraph=True): a Python-number normalizer or "
+                                       "hyper-parameter that changes between calls (README's gradient-accumulation "
+                                       "recipe: normalizer=n_tokens_global) becomes symbolic on the 2nd call and "
+                                       "check_positive's math.isfinite raises Unsupported")
+@pytest.mark.parametrize("changing", ["int normalizer", "float normalizer", "temperature"])
+def test_compiled_step_with_a_changing_python_number(changing):
+    torch._dynamo.reset()
+    compiled = torch.compile(_step_with_hyper, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        logits, labels, aux, adv, mask, _ = make_inputs((2, 3), 13)
+        normalizer = {"int normalizer": 10 + step, "float normalizer": 10.0 + step}.get(changing, 10)
+        temperature = 0.7 + 0.1 * step if changing == "temperature" else 1.0
+        got = compiled(logits, labels, aux, adv, mask, normalizer, temperature)
+        _close(got, _step_with_hyper(logits, labels, aux, adv, mask, normalizer, temperature), f"step {step}")
 
 
 # ----------------------------------------------------------------------------------------------------
