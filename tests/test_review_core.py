@@ -240,6 +240,35 @@ def test_inplace_backward_through_a_softcap_is_right_or_loud(backend):
         apa_fast.loss(torch.tanh(z), labels, ref, adv, backend=backend, inplace_backward=True).backward()
 
 
+TRITON_NAN_ROWS = pytest.mark.xfail(strict=True, reason="Triton backward: a non-finite upstream gradient at a row "
+                                                         "that does not count (row_grad = inf * 0 = NaN) is written "
+                                                         "as NaN into that row; torch backend and float64: zeros")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("triton", marks=[TRITON_NAN_ROWS, pytest.mark.skipif(not _dispatch.interpreter_enabled(),
+                                                                      reason="TRITON_INTERPRET=0")]),
+    "torch",
+])
+@pytest.mark.parametrize("op", ["loss", "logprobs"])
+def test_non_finite_upstream_at_rows_that_do_not_count(backend, design, op):
+    """Per-token outputs are constant 0 where a row does not count: an inf/NaN upstream weight there (1 / a zero
+    token count, exp(logp - old) with old = -inf at padding) must leave that row's gradient at exact zeros."""
+    logits, labels, aux, adv, mask, weights = make_inputs((2, 3), 11, ignore_frac=0.0)
+    mask[0, 0] = False
+    weights[0, 0] = float("inf")
+    x = logits.clone().requires_grad_()
+    if op == "loss":
+        out = apa_fast.loss(x, labels, aux, adv, mask, reduction="none", backend=backend)
+    else:
+        out = apa_fast.logprobs(x, torch.where(mask, labels, IGNORE), backend=backend)
+    out.backward(weights)
+    _, want = oracle("apa" if op == "loss" else "logprobs", logits, torch.where(mask, labels, IGNORE), aux, adv, mask,
+                     reduction="none", weights=weights)
+    assert torch.equal(x.grad[0, 0], torch.zeros_like(x.grad[0, 0]))
+    _close(x.grad, want, "grad")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Grad modes, autocast, meta tensors, numpy scalars.
 # ----------------------------------------------------------------------------------------------------
