@@ -173,8 +173,9 @@ class _Gradients:
         hidden3d, weight, bias = proj.hidden3d, proj.weight, proj.bias
         return cls(
             hidden3d.new_zeros(rows, hidden3d.shape[-1]) if needed[0] else None,
-            torch.zeros_like(weight, dtype=torch.float32) if needed[1] else None,
-            torch.zeros_like(bias, dtype=torch.float32) if needed[2] and bias is not None else None,
+            # Contiguous whatever the weight's strides: what the fake kernels promise a compiled graph.
+            weight.new_zeros(weight.shape, dtype=torch.float32) if needed[1] else None,
+            weight.new_zeros(weight.shape[:1], dtype=torch.float32) if needed[2] and bias is not None else None,
         )
 
     def accumulate(self, proj: _Projection, rows, hidden_rows, dlogits) -> None:
@@ -354,7 +355,7 @@ def _fused_linear(kind: LossKind, hidden, weight, bias, labels, aux, adv, mask, 
     rows_shape, device = hidden.shape[:-1], hidden.device
     normalizer = check_reduction(reduction, normalizer, device)
     labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=weight.shape[0], device=device,
-                            anchor="hidden")
+                            anchor="hidden", normalizer=normalizer)
     empty = torch.empty(0, dtype=torch.float32, device=device)
     aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, "hidden")
     adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, "hidden")

@@ -153,7 +153,8 @@ def _setup_forward(ctx, inputs, output):
 def _forward_backward(ctx, grad_stats):
     logits, labels, lse, dlogp = ctx.saved_tensors
     # Only logp (row 0) and loss (row 2) are outputs of the public ops; lse and dlogp are not differentiated.
-    row_grad = (grad_stats[2] * dlogp + grad_stats[0]).contiguous()
+    # Rows that do not count output a constant 0: whatever upstream gradient they get (inf, NaN) is dropped.
+    row_grad = torch.where(labels >= 0, grad_stats[2] * dlogp + grad_stats[0], 0.0)
     if ctx.inplace_backward and not torch.compiler.is_compiling():
         # The logits buffer receives its own gradient: declared as a mutation (it bumps the version counter, so a
         # later reader of the saved logits fails loudly instead of reading the gradient).
@@ -227,7 +228,7 @@ def _fused(kind: LossKind, logits, labels, aux, adv, mask, *, temperature, ignor
     rows_shape, device = logits.shape[:-1], logits.device
     normalizer = check_reduction(reduction, normalizer, device)
     labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=logits.shape[-1],
-                            device=device, anchor="logits")
+                            device=device, anchor="logits", normalizer=normalizer)
     empty = torch.empty(0, dtype=torch.float32, device=device)
     aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, "logits")
     adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, "logits")
@@ -331,10 +332,10 @@ def apa_loss_from_logprobs(logprobs, ref_logprobs, advantages, mask=None, *, lam
     normalizer = check_reduction(reduction, normalizer, device)
     ref = per_token_floats("ref_logprobs", ref_logprobs, rows_shape, device, "logprobs").view(rows_shape)
     adv = per_token_floats("advantages", advantages, rows_shape, device, "logprobs").view(rows_shape)
-    counted = torch.ones(rows_shape, dtype=torch.bool, device=device)
-    if mask is not None:
-        labels = token_labels(torch.zeros(rows_shape, dtype=torch.int32, device=device), mask, -100,
-                              rows_shape=rows_shape, vocab=1, device=device, anchor="logprobs")
-        counted = (labels >= 0).view(rows_shape)
-    terms = torch.where(counted, (logprobs.float() - ref - adv / lam).square(), 0.0)
+    # The value checks of the mask and a tensor normalizer (one sync), as for the fused ops.
+    labels = token_labels(torch.zeros(rows_shape, dtype=torch.int32, device=device), mask, -100,
+                          rows_shape=rows_shape, vocab=1, device=device, anchor="logprobs", normalizer=normalizer)
+    counted = (labels >= 0).view(rows_shape)
+    # Masked before squaring: garbage (inf, NaN) at masked-out positions gets no gradient path at all.
+    terms = torch.where(counted, logprobs.float() - ref - adv / lam, 0.0).square()
     return reduce_rows(reduction, terms.reshape(-1), denominator(reduction, counted.sum(), normalizer), rows_shape)

@@ -8,7 +8,6 @@ clear error is raised in eager mode and in compiled graphs, without a graph brea
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -22,8 +21,12 @@ LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_positive(name: str, value) -> None:
-    """``value`` is a finite real number > 0 (bools are refused: ``lam=True`` is a bug, not 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+    """``value`` is a finite real number > 0 (bools are refused: ``lam=True`` is a bug, not 1).
+
+    Comparisons only (``v - v == 0`` is False for inf and NaN): under torch.compile a Python number that changes
+    between calls becomes symbolic, and comparisons on it are guards where ``math.isfinite`` would not trace.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value - value == 0 and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -51,9 +54,15 @@ def _check_tensor_on(name, tensor, device, anchor) -> None:
         raise ValueError(f"{name} is on {tensor.device} but {anchor} is on {device}")
 
 
+def _token_shape_of(anchor: str) -> str:
+    """How the token shape derives from the anchor argument: log-probs are per token already."""
+    return f"{anchor}.shape" if anchor == "logprobs" else f"{anchor}.shape[:-1]"
+
+
 def _check_token_shape(name, tensor, rows_shape, anchor) -> None:
     if tuple(tensor.shape) != tuple(rows_shape):
-        raise ValueError(f"{name} must have shape {tuple(rows_shape)} ({anchor}.shape[:-1]), got {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(rows_shape)} ({_token_shape_of(anchor)}), "
+                         f"got {tuple(tensor.shape)}")
 
 
 def check_reduction(reduction, normalizer, device) -> torch.Tensor | None:
@@ -70,7 +79,7 @@ def check_reduction(reduction, normalizer, device) -> torch.Tensor | None:
                              f"of shape {tuple(normalizer.shape)}")
         return normalizer.detach().to(device=device, dtype=torch.float32)
     check_positive("normalizer", normalizer)
-    return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
+    return torch.as_tensor(normalizer, dtype=torch.float32, device=device)
 
 
 def per_token_floats(name, tensor, rows_shape, device, anchor) -> torch.Tensor:
@@ -88,19 +97,20 @@ def per_token_floats(name, tensor, rows_shape, device, anchor) -> torch.Tensor:
         while prefix < min(len(shape), len(rows_shape)) and shape[prefix] == rows_shape[prefix]:
             prefix += 1
         if not (1 <= len(shape) <= len(rows_shape) and prefix >= 1 and all(d == 1 for d in shape[prefix:])):
-            raise ValueError(f"{name} must have the token shape {rows_shape} ({anchor}.shape[:-1]) or broadcast to "
-                             f"it from the leading dimensions (e.g. {rows_shape[:1]} or {rows_shape[:1] + (1,)}), "
-                             f"got {shape}")
+            examples = f"{rows_shape[:1]} or {rows_shape[:1] + (1,)}"
+            raise ValueError(f"{name} must have the token shape {rows_shape} ({_token_shape_of(anchor)}) or "
+                             f"broadcast to it from the leading dimensions (e.g. {examples}), got {shape}")
         padded = shape[:prefix] + (1,) * (len(rows_shape) - prefix)
         tensor = tensor.reshape(padded).expand(rows_shape)
     return tensor.detach().to(torch.float32).reshape(-1).contiguous()
 
 
-def token_labels(labels, mask, ignore_index, *, rows_shape, vocab, device, anchor) -> torch.Tensor:
+def token_labels(labels, mask, ignore_index, *, rows_shape, vocab, device, anchor, normalizer=None) -> torch.Tensor:
     """Check ``labels``/``mask`` against ``rows_shape`` token rows of a ``vocab``-way softmax.
 
     Returns int32 ``(rows,)`` labels, -1 where the row does not count (label == ``ignore_index`` or mask 0).
-    Labels are range-checked at counted positions only (a pad id hidden by the mask is fine).
+    Labels are range-checked at counted positions only (a pad id hidden by the mask is fine). A tensor
+    ``normalizer`` (float32 0-dim, from `check_reduction`) is checked to be finite and > 0 in the same sync.
     """
     _check_tensor_on("labels", labels, device, anchor)
     _check_token_shape("labels", labels, rows_shape, anchor)
@@ -113,11 +123,13 @@ def token_labels(labels, mask, ignore_index, *, rows_shape, vocab, device, ancho
         _check_token_shape("mask", mask, rows_shape, anchor)
         if mask.is_complex():
             raise TypeError(f"mask must be a bool, integer or float tensor of 0/1 values, got {mask.dtype}")
-    return _token_labels_op(labels.detach(), None if mask is None else mask.detach(), vocab, int(ignore_index))
+    return _token_labels_op(labels.detach(), None if mask is None else mask.detach(), vocab, int(ignore_index),
+                            normalizer)
 
 
 @torch.library.custom_op("apa_fast::token_labels", mutates_args=())
-def _token_labels_op(labels: torch.Tensor, mask: torch.Tensor | None, vocab: int, ignore_index: int) -> torch.Tensor:
+def _token_labels_op(labels: torch.Tensor, mask: torch.Tensor | None, vocab: int, ignore_index: int,
+                     normalizer: torch.Tensor | None = None) -> torch.Tensor:
     labels = labels.long()  # every accepted dtype converts exactly; uint8 no longer wraps in the comparison
     counted = labels != ignore_index
     bad_mask = torch.zeros((), dtype=torch.bool, device=labels.device)
@@ -126,8 +138,14 @@ def _token_labels_op(labels: torch.Tensor, mask: torch.Tensor | None, vocab: int
             bad_mask = ((mask != 0) & (mask != 1)).any()
         counted = counted & (mask != 0)
     out_of_range = counted & ((labels < 0) | (labels >= vocab))
-    # One host sync for both value checks: a wrong label must never become an out-of-bounds read.
-    any_bad_mask, any_bad_label = torch.stack([bad_mask, out_of_range.any()]).tolist()
+    bad_normalizer = torch.zeros((), dtype=torch.bool, device=labels.device)
+    if normalizer is not None:
+        bad_normalizer = ~(torch.isfinite(normalizer) & (normalizer > 0)).to(labels.device)
+    # One host sync for every value check: a wrong label must never become an out-of-bounds read.
+    any_bad_mask, any_bad_label, any_bad_normalizer = torch.stack([bad_mask, out_of_range.any(),
+                                                                   bad_normalizer]).tolist()
+    if any_bad_normalizer:
+        raise ValueError(f"normalizer must be finite and > 0, got {normalizer.item()!r}")
     if any_bad_mask:
         bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
         raise ValueError(f"mask must hold only 0/1 (or bool) values; found {bad}")
@@ -139,5 +157,5 @@ def _token_labels_op(labels: torch.Tensor, mask: torch.Tensor | None, vocab: int
 
 
 @_token_labels_op.register_fake
-def _(labels, mask, vocab, ignore_index):
+def _(labels, mask, vocab, ignore_index, normalizer=None):
     return labels.new_empty(labels.numel(), dtype=torch.int32)
