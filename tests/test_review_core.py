@@ -1,6 +1,10 @@
 """Review of the core ops as a demanding user would call them: odd-but-legal inputs on both backends and both
 gradient designs, each accepted input compared with a float64 oracle, each refused one checked for an error that
-names the argument. Tests marked ``xfail(strict=True)`` are defects found by the review (the reason says which).
+names the argument. These failed before commit 9b0fd47 (the review's defects, now regressions):
+test_non_finite_upstream_at_rows_that_do_not_count (Triton), test_compile_with_dynamic_true,
+test_compile_linear_with_dynamic_true, test_compiled_step_with_a_changing_python_number,
+test_linear_fake_kernels_match_a_transposed_weight, test_normalizer_tensor_out_of_range_is_refused_like_a_number,
+test_apa_loss_from_logprobs_ignores_garbage_where_masked, test_apa_loss_from_logprobs_errors_describe_the_shape.
 """
 
 import math
@@ -241,16 +245,7 @@ def test_inplace_backward_through_a_softcap_is_right_or_loud(backend):
         apa_fast.loss(torch.tanh(z), labels, ref, adv, backend=backend, inplace_backward=True).backward()
 
 
-TRITON_NAN_ROWS = pytest.mark.xfail(strict=True, reason="Triton backward: a non-finite upstream gradient at a row "
-                                                         "that does not count (row_grad = inf * 0 = NaN) is written "
-                                                         "as NaN into that row; torch backend and float64: zeros")
-
-
-@pytest.mark.parametrize("backend", [
-    pytest.param("triton", marks=[TRITON_NAN_ROWS, pytest.mark.skipif(not _dispatch.interpreter_enabled(),
-                                                                      reason="TRITON_INTERPRET=0")]),
-    "torch",
-])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["loss", "logprobs"])
 def test_non_finite_upstream_at_rows_that_do_not_count(backend, design, op):
     """Per-token outputs are constant 0 where a row does not count: an inf/NaN upstream weight there (1 / a zero
@@ -500,13 +495,10 @@ def test_compile_recompiles_with_automatic_dynamic_shapes(design):
     _compiled_matches_eager(_apa_step, None, [(2, 3), (3, 5), (1, 4)])
 
 
-@pytest.mark.xfail(strict=True, reason="torch.compile(dynamic=True) fails: check_positive calls math.isfinite on "
-                                       "the SymFloat hyper-parameters (Unsupported: torch.* op returned non-Tensor)")
 def test_compile_with_dynamic_true(design):
     _compiled_matches_eager(_apa_step, True, [(2, 3), (3, 5)])
 
 
-@pytest.mark.xfail(strict=True, reason="torch.compile(dynamic=True) fails in check_positive (linear ops too)")
 def test_compile_linear_with_dynamic_true():
     hidden, weight, bias, labels, ref, adv, mask, _ = linear_data((2, 3), 8, 13)
     torch._dynamo.reset()
@@ -520,10 +512,6 @@ def _step_with_hyper(x, labels, aux, adv, mask, normalizer, temperature):
     return apa_fast.loss(x, labels, aux, adv, mask, backend="torch", normalizer=normalizer, temperature=temperature)
 
 
-@pytest.mark.xfail(strict=True, reason="default torch.compile(fullgraph=True): a Python-number normalizer or "
-                                       "hyper-parameter that changes between calls (README's gradient-accumulation "
-                                       "recipe: normalizer=n_tokens_global) becomes symbolic on the 2nd call and "
-                                       "check_positive's math.isfinite raises Unsupported")
 @pytest.mark.parametrize("changing", ["int normalizer", "float normalizer", "temperature"])
 def test_compiled_step_with_a_changing_python_number(changing):
     torch._dynamo.reset()
@@ -536,9 +524,6 @@ def test_compiled_step_with_a_changing_python_number(changing):
         _close(got, _step_with_hyper(logits, labels, aux, adv, mask, normalizer, temperature), f"step {step}")
 
 
-@pytest.mark.xfail(strict=True, reason="apa_fast::linear_forward/linear_backward: for a non-contiguous weight the "
-                                       "real weight gradient keeps the weight's strides (zeros_like) while the fake "
-                                       "kernel returns a contiguous one: a compiled graph is told the wrong strides")
 @pytest.mark.parametrize("op", ["linear_forward", "linear_backward"])
 def test_linear_fake_kernels_match_a_transposed_weight(op):
     from apa_fast import linear
@@ -565,9 +550,6 @@ def test_normalizer_tensor_of_any_real_dtype(dtype):
     _close(apa_fast.loss(logits, labels, aux, adv, mask, normalizer=torch.tensor(5, dtype=dtype)), want, str(dtype))
 
 
-@pytest.mark.xfail(strict=True, reason="a 0-dim tensor normalizer is not value-checked: 0 gives NaN (NaN gradients "
-                                       "on Triton), a negative one flips the loss's sign; the same numbers are "
-                                       "refused as Python numbers")
 @pytest.mark.parametrize("value", [0.0, -5.0, float("nan")])
 def test_normalizer_tensor_out_of_range_is_refused_like_a_number(value):
     logits, labels, aux, adv, mask, _ = make_inputs((2, 3), 13)
@@ -577,8 +559,6 @@ def test_normalizer_tensor_out_of_range_is_refused_like_a_number(value):
         apa_fast.loss(logits, labels, aux, adv, torch.zeros(2, 3), normalizer=torch.tensor(value))
 
 
-@pytest.mark.xfail(strict=True, reason="apa_loss_from_logprobs: non-finite logprobs/ref_logprobs/advantages at "
-                                       "masked-out positions give NaN gradients (torch.where after the square)")
 @pytest.mark.parametrize("where", ["logprobs", "ref_logprobs", "advantages"])
 def test_apa_loss_from_logprobs_ignores_garbage_where_masked(where):
     logp, ref, adv = -torch.rand(3, 4) - 1.0, -torch.rand(3, 4) - 1.0, torch.randn(3, 4)
@@ -596,8 +576,6 @@ def test_apa_loss_from_logprobs_ignores_garbage_where_masked(where):
     assert torch.equal(dirty["logprobs"].grad, clean["logprobs"].grad)
 
 
-@pytest.mark.xfail(strict=True, reason="apa_loss_from_logprobs's shape errors call the token shape "
-                                       "'logprobs.shape[:-1]' (it is logprobs.shape)")
 def test_apa_loss_from_logprobs_errors_describe_the_shape():
     logp, ref, adv, mask = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3)
     for kwargs in (dict(advantages=adv[:1, :2]), dict(mask=mask[:, :2]), dict(ref_logprobs=ref[:, :1].T)):
