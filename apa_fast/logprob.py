@@ -332,10 +332,12 @@ def apa_loss_from_logprobs(logprobs, ref_logprobs, advantages, mask=None, *, lam
     normalizer = check_reduction(reduction, normalizer, device)
     ref = per_token_floats("ref_logprobs", ref_logprobs, rows_shape, device, "logprobs").view(rows_shape)
     adv = per_token_floats("advantages", advantages, rows_shape, device, "logprobs").view(rows_shape)
-    # The value checks of the mask and a tensor normalizer (one sync), as for the fused ops.
-    labels = token_labels(torch.zeros(rows_shape, dtype=torch.int32, device=device), mask, -100,
-                          rows_shape=rows_shape, vocab=1, device=device, anchor="logprobs", normalizer=normalizer)
-    counted = (labels >= 0).view(rows_shape)
+    counted = torch.ones(rows_shape, dtype=torch.bool, device=device)
+    if mask is not None or normalizer is not None:
+        # The value checks of the mask and a tensor normalizer (one sync), as for the fused ops.
+        labels = token_labels(torch.zeros(rows_shape, dtype=torch.int32, device=device), mask, -100,
+                              rows_shape=rows_shape, vocab=1, device=device, anchor="logprobs", normalizer=normalizer)
+        counted = (labels >= 0).view(rows_shape)
     # Masked before squaring: garbage (inf, NaN) at masked-out positions gets no gradient path at all.
     terms = torch.where(counted, logprobs.float() - ref - adv / lam, 0.0).square()
     return reduce_rows(reduction, terms.reshape(-1), denominator(reduction, counted.sum(), normalizer), rows_shape)
