@@ -47,7 +47,8 @@ def _write_grad(scaled, lse, scale, safe_labels, counted, out) -> None:
     """``out = scale * (onehot - softmax)`` from the float32 ``scaled`` chunk, which it overwrites."""
     scaled.sub_(lse[:, None]).exp_().mul_(-scale[:, None])
     scaled.scatter_add_(-1, safe_labels[:, None], scale[:, None])
-    scaled.masked_fill_(~counted[:, None], 0.0)  # exact zeros whatever the logits of those rows hold
+    if not bool(counted.all()):  # exact zeros whatever the logits of those rows hold; rows only, not the chunk
+        scaled[~counted] = 0.0
     out.copy_(scaled)
 
 
