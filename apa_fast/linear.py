@@ -311,6 +311,8 @@ def _setup_linear(ctx, inputs, output):
     (hidden, weight, bias, labels, _, _, denom, _, inv_temperature, _, _, logit_scale, logit_softcap, reduction,
      chunk_size, backend, *needed) = inputs
     _, stats, *grads = output
+    # Only the loss is differentiated: no (V, H) zeros materialised for the gradient outputs in the backward.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(stats, *grads)
     ctx.needed, ctx.reduction = tuple(needed), reduction
     ctx.config = (inv_temperature, logit_scale, logit_softcap, chunk_size, backend)

@@ -166,6 +166,8 @@ def _forward_backward(ctx, grad_stats):
 
 
 def _setup_loss_and_grad(ctx, inputs, output):
+    # The gradient output is never differentiated: no logits-sized zeros materialised for it in the backward.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 

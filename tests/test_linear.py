@@ -418,3 +418,14 @@ def test_linear_per_sequence_values_and_normalizer():
                        ignore_index=IGNORE, reduction="sum")
     got = linear_loss(hidden, weight, labels, aux, seq_adv, mask, bias=bias, ignore_index=IGNORE, normalizer=2.0)
     assert_close_rel(got, want / 2.0, FLOAT32_TOL, "sum / normalizer")
+
+
+def test_scalar_loss_backward_allocates_no_weight_sized_buffer():
+    """The weight gradient was accumulated in the forward: backward hands it over, with no (V, H) buffer (not
+    even autograd's zeros for the op's gradient outputs)."""
+    hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((4, 8), 16, 301)
+    w = weight.clone().requires_grad_()
+    value = linear_loss(hidden, w, labels, aux, adv, mask, bias=bias)
+    with LargestLogitsChunk(hidden.shape[-1]) as backward_mode:  # counts (..., rows, H) tensors: (V, H) included
+        value.backward()
+    assert backward_mode.rows < weight.shape[0]

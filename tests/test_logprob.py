@@ -182,7 +182,7 @@ def test_reference_matches_oracle():
 # Memory: the torch backend never holds a float32 [rows x vocab] tensor.
 # ----------------------------------------------------------------------------------------------------
 class LargestFloatOutput(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest float32 tensor any op creates while active."""
+    """Records the largest float32 tensor any op allocates while active (views are not allocations)."""
 
     def __init__(self):
         super().__init__()
@@ -190,6 +190,8 @@ class LargestFloatOutput(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.is_view:  # no new memory
+            return out
         for tensor in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
                 self.largest = max(self.largest, tensor.numel())
@@ -320,3 +322,19 @@ def test_module_wrappers():
     want = apa_fast.loss(*args.values(), lam=0.3, temperature=0.8, backend="torch")
     assert torch.equal(module(*args.values()), want)
     assert "lam=0.3" in repr(module)
+
+
+def test_training_mode_backward_allocates_nothing_logits_sized(monkeypatch):
+    """The gradient was written in the forward: loss.backward() hands it over, with no logits-sized buffer
+    (not even autograd's zeros for the op's gradient output)."""
+    monkeypatch.setenv("APA_FAST_FUSED_GRAD", "1")
+    rows, vocab = 64, 1000
+    logits, labels, aux, adv, mask, _ = make_inputs((rows,), vocab)
+    x = logits.clone().requires_grad_()
+    value = apa_fast.loss(x, labels, aux, adv, mask, ignore_index=IGNORE, backend="torch")
+    with LargestFloatOutput() as backward_mode:
+        value.backward()
+    assert backward_mode.largest < rows * vocab
+    with LargestFloatOutput() as scaled_mode:  # the check above can fail: a rescale needs a new buffer
+        apa_fast.loss(x, labels, aux, adv, mask, ignore_index=IGNORE, backend="torch").mul(3.0).backward()
+    assert scaled_mode.largest >= rows * vocab
