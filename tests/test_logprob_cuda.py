@@ -1,4 +1,5 @@
-"""GPU checks of the fused log-prob kernels (compiled Triton, not the interpreter). Skipped without CUDA.
+"""GPU checks of the fused log-prob kernels (compiled Triton, not the interpreter), in both gradient designs.
+Skipped without CUDA.
 
 Run on a GPU machine with TRITON_INTERPRET=0 (benchmarks/gpu_run.sh does): `pytest -m cuda tests/`.
 """
@@ -14,6 +15,13 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+
+@pytest.fixture(params=["0", "1"], ids=["two-kernel", "training-mode"], autouse=True)
+def gradient_design(request, monkeypatch):
+    """Both designs of the gradient (APA_FAST_FUSED_GRAD) on the compiled kernels."""
+    monkeypatch.setenv("APA_FAST_FUSED_GRAD", request.param)
+    return request.param
 
 
 def _cuda(*tensors):
