@@ -1,7 +1,8 @@
 """Input checks shared by every op: each raises before any kernel runs and names the offending argument.
 
 Checks of shapes, dtypes, devices and Python numbers run on the host and cost nothing. Checks of tensor
-*values* (a label out of range at a counted position, a mask value other than 0/1) need one host sync; they
+*values* (a label out of range at a counted position, a mask value other than 0/1, a tensor normalizer that is
+not finite and positive) need one host sync; they
 run inside the custom op `apa_fast::token_labels`, which `torch.compile` treats as opaque, so the same
 clear error is raised in eager mode and in compiled graphs, without a graph break.
 """
