@@ -34,18 +34,11 @@ import os
 
 import torch
 
-from . import _dispatch, zero3
+from . import zero3
 from .kinds import APA, LOGPROB, LossKind
-from .logprob import device_guard, differentiable_once, implementation, not_twice_differentiable, scaled
-from .rows import as_rows3d, denominator, reduce_rows, upstream_scale
-from .validation import (
-    check_float_rows,
-    check_positive,
-    check_reduction,
-    check_temperature,
-    per_token_floats,
-    token_labels,
-)
+from .logprob import device_guard, differentiable_once, implementation, not_twice_differentiable, scaled, token_inputs
+from .rows import as_rows3d, reduce_rows, upstream_scale
+from .validation import check_float_rows, check_positive
 
 # Upper bound on one chunk's logits, by device type. On CPU (float32 bytes) the torch path holds about four
 # float32 temporaries of its chunk, so 8 MiB keeps the loss's working set near 50 MiB; on CUDA the Triton
@@ -263,10 +256,10 @@ def _linear_forward_op(
         chunk_rows = _chunk_rows(chunk_size, hidden.shape[-1], weight.shape[0], hidden.dtype, hidden.device)
         grads = _Gradients.zeros(proj, labels.numel(), needed) if reduction != "none" and any(needed) else None
         row_scale = upstream_scale(reduction, torch.ones((), device=hidden.device), denom)
-        logp, lse, loss, dlogp = _sweep(proj, passes, labels, counted_rows, chunk_rows, aux=aux, adv=adv,
+        _, lse, loss, dlogp = _sweep(proj, passes, labels, counted_rows, chunk_rows, aux=aux, adv=adv,
                                         row_scale=row_scale, grads=grads)
         # A copy: the per-token output must not share memory with the other outputs (custom-op contract).
-        output = reduce_rows(reduction, (logp if kind == LOGPROB.id else loss).clone(), denom, hidden.shape[:-1])
+        output = reduce_rows(reduction, loss.clone(), denom, hidden.shape[:-1])  # for log-probs, loss is logp
         grad_outputs = (grads or _Gradients(None, None, None)).outputs(proj, hidden.shape)
     return output, torch.stack([lse, dlogp]), *grad_outputs
 
@@ -346,25 +339,14 @@ def _fused_linear(kind: LossKind, hidden, weight, bias, labels, aux, adv, mask, 
                   reduction, chunk_size, backend, logit_scale, logit_softcap, hyper=None, normalizer=None):
     """Validate, cast as F.linear would, dispatch, run. ``aux``/``adv`` are None when ``kind`` reads none."""
     _check_projection(hidden, weight, bias)
-    check_temperature(temperature)
     check_positive("logit_scale", logit_scale)
     if logit_softcap is not None:
         check_positive("logit_softcap", logit_softcap)
-    for name, value in (hyper or {}).items():
-        check_positive(name, value)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    rows_shape, device = hidden.shape[:-1], hidden.device
-    normalizer = check_reduction(reduction, normalizer, device)
-    labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=weight.shape[0], device=device,
-                            anchor="hidden", normalizer=normalizer)
-    empty = torch.empty(0, dtype=torch.float32, device=device)
-    aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, "hidden")
-    adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, "hidden")
-    resolved = _dispatch.pick_loss_backend(backend, device)
-    param0, param1 = kind.kernel_params(**(hyper or {}))
-    reduction = "none" if kind is LOGPROB else reduction
-    denom = denominator(reduction, (labels32 >= 0).sum(), normalizer)
+    t = token_inputs(kind, labels, aux, adv, mask, rows_shape=hidden.shape[:-1], vocab=weight.shape[0],
+                     device=hidden.device, anchor="hidden", temperature=temperature, ignore_index=ignore_index,
+                     reduction=reduction, normalizer=normalizer, hyper=hyper or {}, backend=backend)
 
     # The casts are autograd ops: the gradients come back in each input's own dtype.
     dtype = _projection_dtype(hidden, weight, bias)
@@ -372,9 +354,9 @@ def _fused_linear(kind: LossKind, hidden, weight, bias, labels, aux, adv, mask, 
     bias = None if bias is None else bias.to(dtype)
     grad_on = torch.is_grad_enabled()
     needed = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    output, *_ = _linear_forward_op(hidden, weight, bias, labels32, aux32, adv32, denom, kind.id, 1.0 / temperature,
-                                    param0, param1, float(logit_scale), float(logit_softcap or 0.0), reduction,
-                                    chunk_size or 0, resolved, *needed)
+    output, *_ = _linear_forward_op(hidden, weight, bias, t.labels, t.aux, t.adv, t.denom, kind.id, 1.0 / temperature,
+                                    t.param0, t.param1, float(logit_scale), float(logit_softcap or 0.0), t.reduction,
+                                    chunk_size or 0, t.backend, *needed)
     return output
 
 

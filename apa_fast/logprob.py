@@ -28,6 +28,7 @@ Equivalent PyTorch code (what `apa_fast.reference.apa_loss` does, with a float32
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -35,7 +36,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import _dispatch, torch_backend
 from .kinds import APA, AWR, LOGPROB, PPO, LossKind
-from .rows import as_rows3d, denominator, needs_copy, output_value, reduce_rows, writable_in_place
+from .rows import as_rows3d, denominator, needs_copy, reduce_rows, writable_in_place
 from .validation import (
     check_float_rows,
     check_positive,
@@ -129,10 +130,10 @@ def _loss_and_grad_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Ten
     row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
     row_scale = row_scale / denom if reduction == "mean" else row_scale
     with device_guard(logits.device):
-        logp, _, loss, _ = implementation(backend).forward_grad(
+        _, _, loss, _ = implementation(backend).forward_grad(
             rows3d, labels, aux, adv, out3d, row_scale, loss_kind=kind, inv_temperature=inv_temperature,
             param0=param0, param1=param1)
-    return reduce_rows(reduction, output_value(kind, logp, loss), denom, ()), out3d.view(logits.shape)
+    return reduce_rows(reduction, loss, denom, ()), out3d.view(logits.shape)
 
 
 @_loss_and_grad_op.register_fake
@@ -219,36 +220,63 @@ for _name in ("apa_fast::logprob_backward", "apa_fast::differentiable_once"):
 # ----------------------------------------------------------------------------------------------------
 # Validation and dispatch shared by the four logits ops.
 # ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TokenInputs:
+    """What the logits ops and the linear ops pass their kernels, once every argument is checked.
+
+    ``labels``: int32 ``(rows,)``, -1 where the row does not count; ``aux``/``adv``: float32 ``(rows,)`` (empty
+    when the kind reads none); ``backend``: resolved; ``param0``/``param1``: the kind's kernel slots;
+    ``reduction``: the one applied ("none" for log-probs); ``denom``: what a "mean" divides by, else None.
+    """
+
+    labels: torch.Tensor
+    aux: torch.Tensor
+    adv: torch.Tensor
+    backend: str
+    param0: float
+    param1: float
+    reduction: str
+    denom: torch.Tensor | None
+
+
+def token_inputs(kind: LossKind, labels, aux, adv, mask, *, rows_shape, vocab, device, anchor, temperature,
+                 ignore_index, reduction, normalizer, hyper, backend) -> TokenInputs:
+    """Check everything but the logits (or hidden states) whose leading dimensions are ``rows_shape``, and
+    resolve the backend. ``aux``/``adv`` are None when ``kind`` does not read them."""
+    check_temperature(temperature)
+    for name, value in hyper.items():
+        check_positive(name, value)
+    normalizer = check_reduction(reduction, normalizer, device)
+    labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=vocab, device=device,
+                            anchor=anchor, normalizer=normalizer)
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, anchor)
+    adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, anchor)
+    reduction = "none" if kind is LOGPROB else reduction
+    return TokenInputs(labels32, aux32, adv32, _dispatch.pick_loss_backend(backend, device),
+                       *kind.kernel_params(**hyper), reduction,
+                       denominator(reduction, (labels32 >= 0).sum(), normalizer))
+
+
 def _fused(kind: LossKind, logits, labels, aux, adv, mask, *, temperature, ignore_index, reduction, backend,
            hyper=None, normalizer=None, inplace_backward=False):
     """Validate, dispatch, run. ``aux``/``adv`` are None when ``kind`` does not read them."""
     check_float_rows("logits", logits, "V")
-    check_temperature(temperature)
-    for name, value in (hyper or {}).items():
-        check_positive(name, value)
-    rows_shape, device = logits.shape[:-1], logits.device
-    normalizer = check_reduction(reduction, normalizer, device)
-    labels32 = token_labels(labels, mask, ignore_index, rows_shape=rows_shape, vocab=logits.shape[-1],
-                            device=device, anchor="logits", normalizer=normalizer)
-    empty = torch.empty(0, dtype=torch.float32, device=device)
-    aux32 = empty if aux is None else per_token_floats(kind.aux, aux, rows_shape, device, "logits")
-    adv32 = empty if adv is None else per_token_floats("advantages", adv, rows_shape, device, "logits")
-    resolved = _dispatch.pick_loss_backend(backend, device)
-    param0, param1 = kind.kernel_params(**(hyper or {}))
-    inv_temperature = 1.0 / temperature
-    reduction = "none" if kind is LOGPROB else reduction
-    denom = denominator(reduction, (labels32 >= 0).sum(), normalizer)
-
+    rows_shape = logits.shape[:-1]
+    t = token_inputs(kind, labels, aux, adv, mask, rows_shape=rows_shape, vocab=logits.shape[-1],
+                     device=logits.device, anchor="logits", temperature=temperature, ignore_index=ignore_index,
+                     reduction=reduction, normalizer=normalizer, hyper=hyper or {}, backend=backend)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_backward and (needs_copy(logits) or not writable_in_place(logits)):
         inplace_backward = False  # the gradient goes to a new buffer when it cannot land in the logits' own memory
-    if needs_grad and reduction != "none" and not inplace_backward and fused_grad_wanted(resolved):
-        output, _ = _loss_and_grad_op(logits, labels32, aux32, adv32, denom, kind.id, inv_temperature, param0, param1,
-                                      reduction, resolved)
+    if needs_grad and t.reduction != "none" and not inplace_backward and fused_grad_wanted(t.backend):
+        output, _ = _loss_and_grad_op(logits, t.labels, t.aux, t.adv, t.denom, kind.id, 1.0 / temperature, t.param0,
+                                      t.param1, t.reduction, t.backend)
         return output
-    logp, _, loss, _ = _forward_op(logits, labels32, aux32, adv32, kind.id, inv_temperature, param0, param1, resolved,
-                                   bool(inplace_backward)).unbind()
-    return reduce_rows(reduction, output_value(kind.id, logp, loss), denom, rows_shape)
+    # For log-probs the kinds' loss is logp itself (0 where the row does not count), in every backend.
+    loss = _forward_op(logits, t.labels, t.aux, t.adv, kind.id, 1.0 / temperature, t.param0, t.param1, t.backend,
+                       bool(inplace_backward))[2]
+    return reduce_rows(t.reduction, loss, t.denom, rows_shape)
 
 
 # ----------------------------------------------------------------------------------------------------

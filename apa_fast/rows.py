@@ -59,11 +59,6 @@ def writable_in_place(tensor: torch.Tensor) -> bool:
     return True
 
 
-def output_value(kind_id: int, logp: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """The per-row value an op reduces: the log-prob itself for `logprobs`, the per-token loss otherwise."""
-    return logp if kind_id == 0 else loss
-
-
 def denominator(reduction: str, count: torch.Tensor, normalizer: torch.Tensor | None) -> torch.Tensor | None:
     """What a "mean" divides by: ``normalizer`` when given, else the number of counted rows (at least 1)."""
     if reduction != "mean":
