@@ -188,3 +188,16 @@ def gae_tolerance(dtype, cols):
     # float32 accumulation over a recurrence up to `cols` long; measured 3e-8 to 1e-6 relative (20,000 steps
     # at gamma = lam = 1), so this leaves a margin of 5 to 10.
     return 1e-12 if dtype == torch.float64 else 1e-7 * max(cols, 16) ** 0.5
+
+
+def gae_returns_scale(want_returns, values, mask, dtype, tol) -> float:
+    """`assert_close_rel`'s ``scale`` for returns: ``returns = A + V`` adds the advantage, rounded once in the
+    compute dtype, to the value, so an error of one rounding of ``|A|`` is unavoidable, and where A and V
+    nearly cancel (a return of 1e-3 from A = -0.7, V = 0.7) it exceeds ``tol * |returns|``. Elsewhere the scale
+    is below ``|returns|`` and changes nothing."""
+    raw = want_returns - values.double().cpu()  # the unwhitened advantages, float64
+    if mask is not None:
+        raw = torch.where(mask.bool().cpu(), raw, 0.0)
+    rounding = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    return 2 * rounding * raw.norm().item() / tol
+
