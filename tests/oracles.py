@@ -32,11 +32,23 @@ def per_token64(tensor, rows_shape):
     return tensor.reshape(tuple(tensor.shape) + (1,) * (len(rows_shape) - tensor.dim())).expand(rows_shape)
 
 
+def entropy64(scaled):
+    """``-sum_v p_v log p_v`` of ``softmax(scaled)`` over the last dimension, straight from the definition; a -inf
+    column adds nothing (its log-prob is replaced before the product, so autograd sees no 0 * -inf either)."""
+    logp = torch.log_softmax(scaled, -1)
+    return -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
+
+
 def oracle(kind, logits, labels, aux, adv, mask, *, lam=1.0, clip_eps=0.2, max_weight=20.0, temperature=1.0,
-           reduction="mean", weights=None, normalizer=None, logp_rel_shift=0.0):
+           reduction="mean", weights=None, normalizer=None, logp_rel_shift=0.0, entropy_coef=0.0,
+           entropy_weights=None, with_entropy=False):
     """(value, dlogits) in float64: autograd through the registry's textbook formula (`LossKind.reference`),
     never through the kernels' hand-written derivatives. ``weights`` turn a per-token output into a scalar.
-    ``logp_rel_shift`` perturbs every log-prob by that relative amount (see `float32_floor`)."""
+    ``logp_rel_shift`` perturbs every log-prob by that relative amount (see `float32_floor`).
+
+    Entropy (`entropy64` of ``logits / temperature``, 0 where not counted): ``entropy_coef`` subtracts
+    ``entropy_coef * H`` from every token's loss; ``entropy_weights`` add ``sum(entropy_weights * H)`` to the
+    differentiated scalar (a differentiable entropy output); ``with_entropy`` returns (value, entropy, dlogits)."""
     x = logits.detach().double().requires_grad_()
     counted = labels.long() != IGNORE
     if mask is not None:
@@ -49,7 +61,11 @@ def oracle(kind, logits, labels, aux, adv, mask, *, lam=1.0, clip_eps=0.2, max_w
     hyper = {name: {"lam": lam, "clip_eps": clip_eps, "max_weight": max_weight}[name] for name in spec.hyper}
     aux64 = None if spec.aux is None else per_token64(aux, logp.shape)
     adv64 = per_token64(adv, logp.shape) if spec.reads_advantages else None
-    per_token = torch.where(counted, spec.reference(logp, aux64, adv64, **hyper), 0.0)
+    per_token = spec.reference(logp, aux64, adv64, **hyper)
+    entropy = torch.where(counted, entropy64(scaled), 0.0)
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    per_token = torch.where(counted, per_token, 0.0)
     if kind == "logprobs" or reduction == "none":
         out = per_token
     elif reduction == "sum":
@@ -57,8 +73,10 @@ def oracle(kind, logits, labels, aux, adv, mask, *, lam=1.0, clip_eps=0.2, max_w
     else:
         out = per_token.sum() / (counted.sum().clamp(min=1) if normalizer is None else normalizer)
     scalar = out if out.dim() == 0 else (out * weights.double()).sum()
+    if entropy_weights is not None:
+        scalar = scalar + (entropy * entropy_weights.double()).sum()
     scalar.backward()
-    return out.detach(), x.grad
+    return (out.detach(), entropy.detach(), x.grad) if with_entropy else (out.detach(), x.grad)
 
 
 def run_fused(kind, backend, logits, labels, aux, adv, mask, *, lam=1.0, temperature=1.0, reduction="mean",
