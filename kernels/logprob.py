@@ -30,6 +30,14 @@ accepts T in [1e-6, 1e6]), so they never form ``-inf * 0``.
 
 Exponentials are base 2 (``exp2(x * log2(e) / T)``): one multiply folded into the scale, and the ``ex2``
 instruction the hardware has.
+
+Entropy (the ``ENTROPY`` constexpr; off, the kernels compile to the code without it): the row pass keeps a third
+running accumulator per group beside ``m`` and ``s``, ``t = sum 2^(y - m) * (y - m)`` (``y = x * scale2``,
+rescaled with ``s`` when ``m`` moves), so that ``H = ln 2 * (log2 S - T / S)`` with ``S``, ``T`` relative to the
+row maximum: no cancellation of two log-sum-exp sized numbers. Every ``y - m`` that multiplies an exponential is
+clamped at -256 (``exp2`` of anything below is 0 in float32), so a -inf column adds ``0 * -256 = 0``, never
+``0 * -inf``. The gradient passes add ``-g_H * p * (ln p + H)`` per column (``g_H`` the upstream gradient of H)
+in the same loop: the same loads and stores, two more instructions per logit.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # Where the running maximum starts: finite, so that exp2(running_max - new_max) is never exp2(-inf - -inf).
 _MOST_NEGATIVE = tl.constexpr(-3.4028234663852886e38)
+# Entropy: exponents that multiply their own exponential are clamped here (exp2 of anything below is 0 in float32).
+_EXP2_FLOOR = tl.constexpr(-256.0)
 
 # Block caps. The forward and backward stream and keep 16 elements per thread (two 128-bit loads in bf16,
 # four in float32). The forward-with-gradient kernel uses larger blocks with up to 32 warps, and a persistent
@@ -105,8 +115,10 @@ def _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner):
 
 
 @triton.jit
-def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """log2(sum(exp2(x * scale2))) over the row's columns ``[0, read_to)`` (``read_to`` is ``vocab`` or 0).
+def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                    ENTROPY: tl.constexpr):
+    """(log2(sum(exp2(x * scale2))), entropy) over the row's columns ``[0, read_to)`` (``read_to`` is ``vocab``
+    or 0). The entropy (natural log, 0 for a row with no finite column) only when ``ENTROPY``, else 0.
 
     A block is read as ``(BLOCK_V // VEC, VEC)`` groups of ``VEC`` adjacent columns (16 bytes: one vector
     load, held by one thread). Each group keeps its own running maximum ``m`` and sum ``s`` (relative to
@@ -118,17 +130,36 @@ def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexp
     groups = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     m = tl.full((BLOCK_V // VEC,), _MOST_NEGATIVE, tl.float32)
     s = tl.zeros((BLOCK_V // VEC,), tl.float32)
+    t = tl.zeros((BLOCK_V // VEC,), tl.float32)  # ENTROPY: sum 2^(y - m) * (y - m); unused (and removed) otherwise
     for start in range(0, read_to, BLOCK_V):
         x = tl.load(base + (start + groups) * stride_v, mask=start + groups < vocab, other=float("-inf"))
         x = x.to(tl.float32)
         # m is finite (it starts at the most negative float): padded and -inf lanes give exp2(-inf) = 0, and
         # m - new_m <= 0 is never -inf - -inf.
         new_m = tl.maximum(m, tl.max(x, axis=1) * scale2)
-        s = s * tl.exp2(m - new_m) + tl.sum(tl.exp2(x * scale2 - new_m[:, None]), axis=1)
+        if ENTROPY:
+            d = tl.maximum(x * scale2 - new_m[:, None], _EXP2_FLOOR)
+            e = tl.exp2(d)
+            shift = tl.maximum(m - new_m, _EXP2_FLOOR)
+            alpha = tl.exp2(shift)
+            # t relative to new_m: sum e_old * (y - m + shift) * alpha, then this block's terms.
+            t = alpha * (t + s * shift) + tl.sum(e * d, axis=1)
+            s = s * alpha + tl.sum(e, axis=1)
+        else:
+            s = s * tl.exp2(m - new_m) + tl.sum(tl.exp2(x * scale2 - new_m[:, None]), axis=1)
         m = new_m
     row_max = tl.max(m, axis=0)
     # m <= row_max: every factor is in [0, 1]; an all -inf row sums to 0 and gives -inf, as torch does.
-    return row_max + tl.log2(tl.sum(s * tl.exp2(m - row_max), axis=0))
+    lse2 = row_max + tl.log2(tl.sum(s * tl.exp2(m - row_max), axis=0))
+    entropy = tl.zeros((), tl.float32)
+    if ENTROPY:
+        shift = tl.maximum(m - row_max, _EXP2_FLOOR)
+        alpha = tl.exp2(shift)
+        total = tl.sum(s * alpha, axis=0)
+        # -sum p log2 p = log2 S - T / S, S and T relative to the row maximum.
+        entropy = tl.where(total > 0, (tl.log2(total) - tl.sum(alpha * (t + s * shift), axis=0) / total) * _LN2,
+                           0.0)
+    return lse2, entropy
 
 
 @triton.jit
@@ -162,13 +193,16 @@ def _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS: tl.constex
 
 @triton.jit
 def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
-                 vocab, scale2, param0, param1, LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """The row's log-sum-exp, log-prob and loss; stores the four per-row outputs, returns (lse2, target2, dlogp).
+                 entropy_ptr, vocab, scale2, param0, param1, LOSS: tl.constexpr, BLOCK_V: tl.constexpr,
+                 VEC: tl.constexpr, ENTROPY: tl.constexpr):
+    """The row's log-sum-exp, log-prob and loss; stores the four per-row outputs (five with ``ENTROPY``: the
+    entropy at ``entropy_ptr``), returns (lse2, target2, dlogp, entropy).
 
     ``lse2`` is the log-sum-exp in base 2 (of ``x * scale2``), ``target2`` the label's ``x * scale2``, ``dlogp``
-    0 where the row does not count. Rows that do not count read nothing.
+    and ``entropy`` 0 where the row does not count. Rows that do not count read nothing.
     """
-    lse2 = _row_logsumexp2(base, stride_v, tl.where(counted, vocab, 0), vocab, scale2, BLOCK_V, VEC)
+    lse2, entropy = _row_logsumexp2(base, stride_v, tl.where(counted, vocab, 0), vocab, scale2, BLOCK_V, VEC,
+                                    ENTROPY)
     target2 = tl.load(base + tl.where(counted, label, 0) * stride_v, mask=counted, other=0.0).to(tl.float32) * scale2
     logp = tl.where(counted, (target2 - lse2) * _LN2, 0.0)
     loss, dlogp = _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS)
@@ -177,7 +211,9 @@ def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr
     tl.store(lse_ptr + row, tl.where(counted, lse2 * _LN2, 0.0))
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
     tl.store(dlogp_ptr + row, dlogp)
-    return lse2, target2, dlogp
+    if ENTROPY:
+        tl.store(entropy_ptr + row, entropy)  # 0 where the row does not count: it read nothing
+    return lse2, target2, dlogp, entropy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,15 +223,15 @@ def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr
 def _logprob_fwd_kernel(
     logits_ptr, stride_outer, stride_inner, stride_v, inner_size,
     labels_ptr, aux_ptr, adv_ptr,
-    logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
+    logp_ptr, lse_ptr, loss_ptr, dlogp_ptr, entropy_ptr,
     vocab, inv_temperature, param0, param1,
-    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
     label = tl.load(labels_ptr + row)
     _row_forward(base, stride_v, row, label, label >= 0, aux_ptr, adv_ptr, logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
-                 vocab, inv_temperature * _LOG2E, param0, param1, LOSS, BLOCK_V, VEC)
+                 entropy_ptr, vocab, inv_temperature * _LOG2E, param0, param1, LOSS, BLOCK_V, VEC, ENTROPY)
 
 
 @triton.jit
@@ -203,9 +239,9 @@ def _logprob_fwd_grad_kernel(
     logits_ptr, stride_outer, stride_inner, stride_v, inner_size,
     grad_ptr, grad_stride_outer, grad_stride_inner, grad_stride_v,
     labels_ptr, aux_ptr, adv_ptr, row_scale_ptr,
-    logp_ptr, lse_ptr, loss_ptr, dlogp_ptr,
-    rows, vocab, inv_temperature, param0, param1,
-    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    logp_ptr, lse_ptr, loss_ptr, dlogp_ptr, entropy_ptr,
+    rows, vocab, inv_temperature, param0, param1, entropy_coef,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     # Persistent: the launcher starts as many programs as it wants rows in flight (`grad_programs`), and each
     # takes every num_programs-th row, so the rows resident at once do not depend on the compiler's registers.
@@ -216,9 +252,9 @@ def _logprob_fwd_grad_kernel(
         base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
         label = tl.load(labels_ptr + row)
         counted = label >= 0
-        lse2, target2, dlogp = _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr,
-                                            lse_ptr, loss_ptr, dlogp_ptr, vocab, scale2, param0, param1, LOSS,
-                                            BLOCK_V, VEC)
+        lse2, target2, dlogp, entropy = _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr,
+                                                     logp_ptr, lse_ptr, loss_ptr, dlogp_ptr, entropy_ptr, vocab,
+                                                     scale2, param0, param1, LOSS, BLOCK_V, VEC, ENTROPY)
 
         # Second pass: the row was read a moment ago and is still in L2. Its loads are the last use of each
         # line and the gradient is not read again by this kernel: both are marked evict-first so that they do
@@ -229,17 +265,30 @@ def _logprob_fwd_grad_kernel(
         neg_coef = 0.0 - coef  # +0.0, not -0.0, when coef is 0: exact zero gradients
         lse2 = tl.where(counted, lse2, 0.0)  # rows that do not count: x = -inf, softmax exp2(-inf) = 0
         read_to = tl.where(counted, vocab, 0)
+        # ENTROPY: grad = p * (a + b * log2 p) + coef * onehot, with -g_H = entropy_coef * grad_scale (the
+        # objective is row_scale * sum(loss - entropy_coef * H)); a = b = +0.0 on rows that do not count.
+        a = tl.where(counted, neg_coef + entropy_coef * grad_scale * entropy, 0.0)
+        b = tl.where(counted, entropy_coef * grad_scale * _LN2, 0.0)
         grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
         for start in range(0, vocab, BLOCK_V):
             x = tl.load(base + (start + cols) * stride_v, mask=start + cols < read_to, other=float("-inf"),
                         eviction_policy="evict_first")
-            grad = neg_coef * tl.exp2(x.to(tl.float32) * scale2 - lse2)
+            if ENTROPY:
+                log2p = tl.maximum(x.to(tl.float32) * scale2 - lse2, _EXP2_FLOOR)
+                grad = tl.exp2(log2p) * (a + b * log2p)
+            else:
+                grad = neg_coef * tl.exp2(x.to(tl.float32) * scale2 - lse2)
             tl.store(grad_base + (start + cols) * grad_stride_v, grad.to(grad_ptr.dtype.element_ty),
                      mask=start + cols < vocab, eviction_policy="evict_first")
-        # The label's column is coef * (1 - softmax). The barrier orders this store after the loop's store of
-        # the same element, made by whichever thread held that column (it is outside the vocabulary loop).
+        # The label's column is coef * (1 - softmax) (plus the entropy term). The barrier orders this store after
+        # the loop's store of the same element, made by whichever thread held that column (it is outside the
+        # vocabulary loop).
         tl.debug_barrier()
-        label_grad = coef - coef * tl.exp2(target2 - lse2)
+        if ENTROPY:
+            label_log2p = tl.maximum(target2 - lse2, _EXP2_FLOOR)
+            label_grad = coef + tl.exp2(label_log2p) * (a + b * label_log2p)
+        else:
+            label_grad = coef - coef * tl.exp2(target2 - lse2)
         tl.store(grad_base + tl.where(counted, label, 0) * grad_stride_v,
                  label_grad.to(grad_ptr.dtype.element_ty), mask=counted)
 
@@ -248,9 +297,9 @@ def _logprob_fwd_grad_kernel(
 def _logprob_bwd_kernel(
     logits_ptr, stride_outer, stride_inner, stride_v, inner_size,
     grad_ptr, grad_stride_outer, grad_stride_inner, grad_stride_v,
-    labels_ptr, lse_ptr, row_grad_ptr,
+    labels_ptr, lse_ptr, row_grad_ptr, entropy_ptr, entropy_grad_ptr,
     vocab, inv_temperature,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -259,8 +308,17 @@ def _logprob_bwd_kernel(
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
     # Rows that do not count read nothing: x = -inf gives softmax 0 and, with row_grad 0, exact zeros.
     x = tl.load(base + cols * stride_v, mask=cols < tl.where(label >= 0, vocab, 0), other=float("-inf"))
-    softmax = tl.exp2(x.to(tl.float32) * (inv_temperature * _LOG2E) - tl.load(lse_ptr + row) * _LOG2E)
-    grad = tl.load(row_grad_ptr + row) * inv_temperature * (tl.where(cols == label, 1.0, 0.0) - softmax)
+    if ENTROPY:
+        # + entropy_grad * d H / d x = -entropy_grad * p * (ln p + H) / T; entropy_grad is 0 where not counted.
+        log2p = tl.maximum(x.to(tl.float32) * (inv_temperature * _LOG2E) - tl.load(lse_ptr + row) * _LOG2E,
+                           _EXP2_FLOOR)
+        softmax = tl.exp2(log2p)
+        entropy_term = tl.load(entropy_grad_ptr + row) * (log2p * _LN2 + tl.load(entropy_ptr + row))
+        grad = inv_temperature * (tl.load(row_grad_ptr + row) * (tl.where(cols == label, 1.0, 0.0) - softmax)
+                                  - entropy_term * softmax)
+    else:
+        softmax = tl.exp2(x.to(tl.float32) * (inv_temperature * _LOG2E) - tl.load(lse_ptr + row) * _LOG2E)
+        grad = tl.load(row_grad_ptr + row) * inv_temperature * (tl.where(cols == label, 1.0, 0.0) - softmax)
     grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
     tl.store(grad_base + cols * grad_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
 
@@ -279,32 +337,41 @@ def _vector(rows3d: torch.Tensor) -> int:
     return 16 // rows3d.element_size()
 
 
+def _per_row_outputs(outputs):
+    """The five per-row output pointers (logp, lse, loss, dlogp, entropy) from four or five float32 rows: without
+    the entropy its pointer repeats dlogp's and is never written (ENTROPY off)."""
+    return (*outputs[:4], outputs[4] if len(outputs) > 4 else outputs[3])
+
+
 def _forward_launch(rows3d, labels, aux, adv, outputs, *, loss_kind, inv_temperature, param0, param1):
     vocab = rows3d.shape[-1]
     block, num_warps = block_config(vocab)
-    args = (rows3d, *_layout(rows3d), labels, aux, adv, *outputs, vocab, inv_temperature, param0, param1)
-    return _logprob_fwd_kernel, (labels.numel(),), args, {"LOSS": loss_kind, "BLOCK_V": block,
-                                                          "VEC": _vector(rows3d), "num_warps": num_warps}
+    args = (rows3d, *_layout(rows3d), labels, aux, adv, *_per_row_outputs(outputs), vocab, inv_temperature, param0,
+            param1)
+    return _logprob_fwd_kernel, (labels.numel(),), args, {"LOSS": loss_kind, "BLOCK_V": block, "VEC": _vector(rows3d),
+                                                          "ENTROPY": len(outputs) > 4, "num_warps": num_warps}
 
 
 def _forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, *, loss_kind, inv_temperature, param0,
-                         param1, limits=None):
+                         param1, entropy_coef=0.0, limits=None):
     rows, vocab = labels.numel(), rows3d.shape[-1]
     block, num_warps = grad_block_config(vocab)
     sms, l2_bytes = limits or _device_limits(rows3d.device)
     programs = grad_programs(rows, vocab * rows3d.element_size(), num_warps, sms, l2_bytes)
-    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale, *outputs, rows, vocab,
-            inv_temperature, param0, param1)
-    return _logprob_fwd_grad_kernel, (programs,), args, {"LOSS": loss_kind, "BLOCK_V": block,
-                                                         "VEC": _vector(rows3d), "num_warps": num_warps}
+    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale,
+            *_per_row_outputs(outputs), rows, vocab, inv_temperature, param0, param1, entropy_coef)
+    return _logprob_fwd_grad_kernel, (programs,), args, {"LOSS": loss_kind, "BLOCK_V": block, "VEC": _vector(rows3d),
+                                                         "ENTROPY": len(outputs) > 4, "num_warps": num_warps}
 
 
-def _backward_launch(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
+def _backward_launch(rows3d, labels, lse, row_grad, out3d, *, inv_temperature, entropy=None, entropy_grad=None):
     vocab = rows3d.shape[-1]
     block, num_warps = block_config(vocab)
-    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, lse, row_grad, vocab, inv_temperature)
-    return _logprob_bwd_kernel, (labels.numel(), triton.cdiv(vocab, block)), args, {"BLOCK_V": block,
-                                                                                   "num_warps": num_warps}
+    with_entropy = entropy_grad is not None
+    args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, lse, row_grad,
+            entropy if with_entropy else lse, entropy_grad if with_entropy else row_grad, vocab, inv_temperature)
+    return _logprob_bwd_kernel, (labels.numel(), triton.cdiv(vocab, block)), args, {
+        "BLOCK_V": block, "ENTROPY": with_entropy, "num_warps": num_warps}
 
 
 def _run(launch) -> None:
@@ -312,47 +379,55 @@ def _run(launch) -> None:
     kernel[grid](*args, **meta)
 
 
-def forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
+def forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0, param1=0.0, entropy=False):
     """Launch the forward on ``rows3d (outer, inner, V)`` (float32, bfloat16 or float16, any strides).
 
     ``labels``: int32 ``(outer * inner,)``, negative where the row does not count; ``aux``, ``adv``:
     float32 ``(rows,)`` (may be empty for the kinds that do not read them); ``loss_kind``: a
     `apa_fast.kinds.LossKind` id; ``inv_temperature`` in [1e-6, 1e6]. Returns float32 ``(rows,)`` tensors
-    ``(logp, lse, loss, dlogp)``, all 0 where the row does not count (for LOGPROB, ``loss`` is ``logp``).
+    ``(logp, lse, loss, dlogp)``, and the entropy of ``softmax(rows3d / T)`` fifth when ``entropy``, all 0 where
+    the row does not count (for LOGPROB, ``loss`` is ``logp``).
     """
     rows = labels.numel()
-    outputs = torch.empty((4, rows), dtype=torch.float32, device=rows3d.device)
+    outputs = torch.empty((4 + entropy, rows), dtype=torch.float32, device=rows3d.device)
     if rows:
         _run(_forward_launch(rows3d, labels, aux, adv, outputs, loss_kind=loss_kind, inv_temperature=inv_temperature,
                              param0=param0, param1=param1))
     return tuple(outputs)
 
 
-def forward_grad(rows3d, labels, aux, adv, out3d, row_scale, *, loss_kind, inv_temperature, param0=0.0, param1=0.0):
+def forward_grad(rows3d, labels, aux, adv, out3d, row_scale, *, loss_kind, inv_temperature, param0=0.0, param1=0.0,
+                 entropy=False, entropy_coef=0.0):
     """The forward and the gradient in one kernel (training mode); same outputs as `forward`.
 
     Also writes ``out3d[r] = row_scale * dlogp[r] * (onehot(labels[r]) - softmax(rows3d[r] / T)) / T`` in
-    ``out3d``'s dtype: the gradient of ``row_scale * sum(loss)`` with respect to the logits. ``out3d``:
+    ``out3d``'s dtype: the gradient of ``row_scale * sum(loss)`` with respect to the logits (with ``entropy``, of
+    ``row_scale * sum(loss - entropy_coef * entropy)``: plus ``row_scale * entropy_coef * p * (ln p + H) / T``,
+    with ``p`` the softmax). ``out3d``:
     ``(outer, inner, V)`` like ``rows3d``, same dtype, any strides; it may be ``rows3d`` itself (in place).
     ``row_scale``: float32 tensor of one element on the same device (e.g. ``1 / count`` for a mean, computed
     on the device: no host sync). Rows that do not count read nothing and get exact zero gradient rows.
     """
     rows = labels.numel()
-    outputs = torch.empty((4, rows), dtype=torch.float32, device=rows3d.device)
+    outputs = torch.empty((4 + entropy, rows), dtype=torch.float32, device=rows3d.device)
     if rows:
         _run(_forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, loss_kind=loss_kind,
-                                  inv_temperature=inv_temperature, param0=param0, param1=param1))
+                                  inv_temperature=inv_temperature, param0=param0, param1=param1,
+                                  entropy_coef=entropy_coef))
     return tuple(outputs)
 
 
-def backward(rows3d, labels, lse, row_grad, out3d, *, inv_temperature):
+def backward(rows3d, labels, lse, row_grad, out3d, *, inv_temperature, entropy=None, entropy_grad=None):
     """Write ``dlogits`` for ``rows3d`` into ``out3d`` (same shape; may be ``rows3d`` itself).
 
     ``row_grad``: float32 ``(rows,)``, the upstream gradient times ``d loss / d logp`` (0 where the row
-    does not count); ``lse``: the forward's. Returns ``out3d``.
+    does not count); ``lse``: the forward's. ``entropy``/``entropy_grad`` (float32 ``(rows,)``, both or neither):
+    the forward's entropy and its upstream gradient (0 where the row does not count), which add
+    ``-entropy_grad * p * (ln p + H) / T``. Returns ``out3d``.
     """
     if labels.numel():
-        _run(_backward_launch(rows3d, labels, lse, row_grad, out3d, inv_temperature=inv_temperature))
+        _run(_backward_launch(rows3d, labels, lse, row_grad, out3d, inv_temperature=inv_temperature, entropy=entropy,
+                              entropy_grad=entropy_grad))
     return out3d
 
 
@@ -364,11 +439,13 @@ AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 AOT_VOCABS = (50400, 50257, 1024)
 
 
-def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS):
-    """Every launch the launchers make for ``vocabs`` x ``dtypes`` x ``kinds``, as they make it.
+def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS, entropy=(False, True)):
+    """Every launch the launchers make for ``vocabs`` x ``dtypes`` x ``kinds`` x ``entropy`` (off, on), as they
+    make it.
 
     Yields dicts with ``kernel`` (the JIT function), ``pass`` ("forward", "forward_grad", "backward"),
-    ``kind`` (a `LossKind` name; None for the backward), ``dtype``, ``vocab``, ``grid``, ``args`` and ``meta``
+    ``kind`` (a `LossKind` name; None for the backward), ``entropy`` (the ENTROPY switch), ``dtype``, ``vocab``,
+    ``grid``, ``args`` and ``meta``
     (the launch's grid, positional arguments and keywords; forward_grad's grid as on an H100). The arguments
     are meta-device tensors laid out as a causal LM passes them (``logits[:, :-1]`` of a contiguous
     ``(8, 512, V)`` buffer; the gradient a fresh contiguous buffer), so Triton's runtime specialisation
@@ -381,23 +458,27 @@ def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS):
             rows = logits.shape[0] * logits.shape[1]
             out3d = torch.empty(logits.shape, dtype=dtype, device="meta")
             labels = torch.empty(rows, dtype=torch.int32, device="meta")
-            floats = torch.empty((4, rows), dtype=torch.float32, device="meta")
+            floats = torch.empty((7, rows), dtype=torch.float32, device="meta")
             row_scale = torch.empty((), dtype=torch.float32, device="meta")
-            common = {"dtype": str(dtype).removeprefix("torch."), "vocab": vocab}
-            for kind in kinds:
-                aux = floats[2] if kind.aux else floats[0][:0]
-                adv = floats[3] if kind.reads_advantages else floats[0][:0]
-                params = {"loss_kind": kind.id, "inv_temperature": 1.0, "param0": 0.5, "param1": 2.0}
-                launch = _forward_launch(logits, labels, aux, adv, tuple(floats), **params)
-                yield _variant("forward", kind.name, launch, **common)
-                launch = _forward_grad_launch(logits, labels, aux, adv, out3d, row_scale, tuple(floats), **params,
-                                              limits=(DEFAULT_SMS, DEFAULT_L2_BYTES))
-                yield _variant("forward_grad", kind.name, launch, **common)
-            launch = _backward_launch(logits, labels, floats[1], floats[3], out3d, inv_temperature=1.0)
-            yield _variant("backward", None, launch, **common)
+            for with_entropy in entropy:
+                outputs = tuple(floats[:5 if with_entropy else 4])
+                common = {"dtype": str(dtype).removeprefix("torch."), "vocab": vocab, "entropy": with_entropy}
+                for kind in kinds:
+                    aux = floats[5] if kind.aux else floats[0][:0]
+                    adv = floats[6] if kind.reads_advantages else floats[0][:0]
+                    params = {"loss_kind": kind.id, "inv_temperature": 1.0, "param0": 0.5, "param1": 2.0}
+                    launch = _forward_launch(logits, labels, aux, adv, outputs, **params)
+                    yield _variant("forward", kind.name, launch, **common)
+                    launch = _forward_grad_launch(logits, labels, aux, adv, out3d, row_scale, outputs, **params,
+                                                  entropy_coef=0.01, limits=(DEFAULT_SMS, DEFAULT_L2_BYTES))
+                    yield _variant("forward_grad", kind.name, launch, **common)
+                entropy_args = {"entropy": floats[4], "entropy_grad": floats[5]} if with_entropy else {}
+                launch = _backward_launch(logits, labels, floats[1], floats[3], out3d, inv_temperature=1.0,
+                                          **entropy_args)
+                yield _variant("backward", None, launch, **common)
 
 
-def _variant(pass_name, kind, launch, *, dtype, vocab):
+def _variant(pass_name, kind, launch, *, dtype, vocab, entropy):
     kernel, grid, args, meta = launch
-    return {"kernel": kernel, "pass": pass_name, "kind": kind, "dtype": dtype, "vocab": vocab, "args": args,
-            "meta": meta, "grid": grid}
+    return {"kernel": kernel, "pass": pass_name, "kind": kind, "entropy": entropy, "dtype": dtype, "vocab": vocab,
+            "args": args, "meta": meta, "grid": grid}
