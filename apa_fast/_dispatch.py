@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import sys
 import types
 
 import torch
@@ -94,9 +95,11 @@ def pick_gae_backend(backend: str, device: torch.device, *, build: bool = True) 
     """Resolve ``backend`` for `apa_fast.gae` on tensors living on ``device``.
 
     "auto" picks the compiled kernel of the tensors' device ("cuda" or "cpu") when it is available, else the
-    PyTorch path; "auto", "cpu" and "cuda" build the extension just in time when it is not installed and can be
-    built for the device (``build=False`` only looks). An explicit backend that cannot run raises RuntimeError
-    with the reason (a device that is not the backend's included); an unknown one ValueError.
+    PyTorch path (with one line on stderr, once a process, when that is because a build failed or the build cache
+    cannot be used); "auto", "cpu" and "cuda" build the extension just in time when it is not installed, or its
+    cached build is stale, and it can be built for the device (``build=False`` only looks). An explicit backend
+    that cannot run raises RuntimeError with the reason (a device that is not the backend's included); an
+    unknown one ValueError.
     """
     if backend not in GAE_BACKENDS:
         raise ValueError(f"backend must be one of {GAE_BACKENDS}, got {backend!r}")
@@ -106,10 +109,26 @@ def pick_gae_backend(backend: str, device: torch.device, *, build: bool = True) 
         raise RuntimeError(f"backend={backend!r} runs on {backend} tensors, got tensors on {device}")
     reason = _gae_kernel_unavailable_reason(device.type, build)
     if backend == "auto":
+        if reason is not None and build:
+            _report_fallback()
         return device.type if reason is None else "torch"
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
     return backend
+
+
+_fallback_reported = False
+
+
+def _report_fallback() -> None:
+    """One line on stderr, once a process, when "auto" runs GAE on PyTorch because the extension failed (not
+    when it is switched off or cannot serve the device): a print, not a warning, which ``-W error`` would make
+    the crash that falling back avoids."""
+    global _fallback_reported
+    status = extension_status(build=False)
+    if status.origin in ("failed build", "cache unusable") and not _fallback_reported:
+        _fallback_reported = True
+        print(f"apa_fast: gae(backend='auto') runs on PyTorch: {status.summary()}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +136,12 @@ class ExtensionStatus:
     """Where the compiled extension came from, or why there is none.
 
     origin: "installed" (`apa_fast._C`, built by `pip install --no-build-isolation`), "cached build" (built
-    just in time, by this process or an earlier one), "failed build", "disabled" (APA_FAST_NO_EXT=1), or
-    "not built" (nothing installed or cached yet; seen only when asked not to build). path: the module's file,
-    or the build directory when there is no module. detail: the compiler's output for a failed build, what
-    would be built for "not built", why an installed `apa_fast._C` was passed over, else "".
+    just in time, by this process or an earlier one), "failed build" (or a cached build that did not load),
+    "cache unusable" (the build cache cannot be created, locked, read or written), "disabled"
+    (APA_FAST_NO_EXT=1), or "not built" (nothing installed or cached yet, or a stale cached build; seen only when
+    asked not to build). path: the module's file, or the build directory when there is no module. detail: the
+    compiler's output for a failed build, what is wrong with the cache, what would be built (and why a cached
+    build is stale) for "not built", why an installed `apa_fast._C` was passed over, else "".
     """
 
     module: types.ModuleType | None
@@ -134,9 +155,17 @@ class ExtensionStatus:
             return "the compiled extension is disabled by APA_FAST_NO_EXT=1"
         if self.origin == "failed build":
             tail = "\n".join(self.detail.rstrip().splitlines()[-20:])
-            return (f"apa_fast._C is not installed and building it in {self.path} failed (`python -m apa_fast.info` "
-                    f"shows why, `python -m apa_fast.build` retries):\n{tail}")
+            return f"{self.summary()}:\n{tail}"
+        if self.origin == "cache unusable":
+            return f"apa_fast._C is not installed and {self.detail}"
         return f"apa_fast._C is not built yet: {self.detail}"
+
+    def summary(self) -> str:
+        """`reason()` in one line: a failed build's compiler output is left to `python -m apa_fast.info`."""
+        if self.origin == "failed build":
+            return (f"apa_fast._C is not installed and building it in {self.path} failed (`python -m apa_fast.info` "
+                    "shows why, `python -m apa_fast.build` retries)")
+        return self.reason()
 
 
 _status: ExtensionStatus | None = None
@@ -176,13 +205,26 @@ def _find_extension(build: bool) -> ExtensionStatus:
     directory = str(build_plan.directory)
     try:
         module = _ext_build.load(build_plan, build=build)
+        if module is None:
+            return _not_built(build_plan, passed_over)
     except _ext_build.BuildFailed as exc:
         return ExtensionStatus(None, "failed build", directory, "\n".join(filter(None, [str(exc), passed_over])))
-    if module is None:
-        plan_text = (f"the first call that needs it builds {build_plan.describe()} into {directory}, or run "
-                     "`python -m apa_fast.build`")
-        return ExtensionStatus(None, "not built", directory, "; ".join(filter(None, [plan_text, passed_over])))
+    except _ext_build.CacheUnusable as exc:
+        return ExtensionStatus(None, "cache unusable", directory, "; ".join(filter(None, [str(exc), passed_over])))
     return ExtensionStatus(module, "cached build", module.__file__, passed_over)
+
+
+def _not_built(build_plan: _ext_build.BuildPlan, passed_over: str) -> ExtensionStatus:
+    """Nothing usable cached, seen without building: what the first call would build, or why it cannot."""
+    directory = str(build_plan.directory)
+    current, stale = _ext_build.examine(build_plan)
+    problem = _ext_build.cache_problem(build_plan)
+    if problem:
+        return ExtensionStatus(None, "cache unusable", directory, "; ".join(filter(None, [problem, passed_over])))
+    stale = f"the cached build is stale ({stale})" if current == "stale" else ""
+    plan_text = (f"the first call that needs it builds {build_plan.describe()} into {directory}, or run "
+                 "`python -m apa_fast.build`")
+    return ExtensionStatus(None, "not built", directory, "; ".join(filter(None, [stale, plan_text, passed_over])))
 
 
 def extension():

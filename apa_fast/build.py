@@ -3,8 +3,9 @@
 Builds what the first `apa_fast.gae` call would build just in time (the C++ CPU kernel, and the CUDA kernel
 when torch is a CUDA build and nvcc is found), so that a cluster job does not pay for it: run it once per
 environment, with APA_FAST_CACHE_DIR pointing at a shared directory if the nodes share one. A finished build
-is kept (``--force`` rebuilds it); a failed one is retried. Exits 1 when the build fails (the compiler's output
-is printed), 2 when APA_FAST_NO_EXT=1 switches the extension off.
+that loads is kept (``--force`` rebuilds it); a failed, stale (torn or changed: it does not match its manifest)
+or unloadable one is rebuilt. Exits 1 when the build fails (the compiler's output is printed) or the cache
+cannot be used (one line), 2 when APA_FAST_NO_EXT=1 switches the extension off.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     build_plan = _ext_build.plan()
     if build_plan.no_cuda_reason:
         print(f"apa_fast: CPU kernel only: {build_plan.no_cuda_reason}")
-    already = not args.force and _ext_build.state(build_plan) == "built"
     start = time.perf_counter()
     try:
-        _ext_build.build(build_plan, force=args.force)
+        compiled = _ext_build.build(build_plan, force=args.force)
     except _ext_build.BuildFailed as exc:
         print(f"apa_fast: the build failed; compiler output:\n{exc}", file=sys.stderr)
         return 1
-    verb = "already built" if already else f"built in {time.perf_counter() - start:.1f} s"
+    except _ext_build.CacheUnusable as exc:
+        print(f"apa_fast: {exc}", file=sys.stderr)
+        return 1
+    verb = f"built in {time.perf_counter() - start:.1f} s" if compiled else "already built"
     print(f"apa_fast: {build_plan.describe()} {verb}: {build_plan.directory}")
     if importlib.util.find_spec("apa_fast._C") is not None:
         print("apa_fast: note: the installed apa_fast._C is used in preference while it loads")

@@ -1,11 +1,11 @@
 """``python -m apa_fast.info [--aot sm_90]``: what this installation can run, and why not where it cannot.
 
 Without arguments: versions, the device, where the compiled extension came from (installed, cached
-just-in-time build, failed build with the compiler's output, disabled, or not built yet), and which backend
-each op picks here. With ``--aot ARCH [--json]``: compiles every Triton kernel variant ahead of time for
-that GPU architecture (no GPU needed) as the launchers run it, and reports registers, spills, shared memory,
-the widest global loads and stores and the barriers inside the vocabulary loops (`apa_fast.aot`). Exits 1
-if any variant fails to compile or spills.
+just-in-time build, failed build with the compiler's output, unusable cache and why, disabled, or not built
+yet, saying why a stale cached build is not used), and which backend each op picks here. With ``--aot ARCH
+[--json]``: compiles every Triton kernel variant ahead of time for that GPU architecture (no GPU needed) as
+the launchers run it, and reports registers, spills, shared memory, the widest global loads and stores and the
+barriers inside the vocabulary loops (`apa_fast.aot`). Exits 1 if any variant fails to compile or spills.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import sys
 import torch
 
 from . import __version__, _dispatch, aot
+from .kinds import KINDS
+
+KIND_NAMES = tuple(kind.name for kind in KINDS)
 
 
 def _module_version(name: str) -> str:
@@ -61,16 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aot", metavar="ARCH", type=aot.parse_arch,
                         help="compile every Triton kernel variant for ARCH (e.g. sm_90) and report its resources")
     parser.add_argument("--json", action="store_true", help="with --aot: the report as JSON, nothing else")
+    parser.add_argument("--vocab", type=aot.parse_list("vocab"), metavar="V[,V...]",
+                        help="with --aot: these vocabulary sizes (default: the launchers' AOT list)")
+    parser.add_argument("--dtype", type=aot.parse_list("dtype", aot.DTYPES), metavar="DTYPE[,...]",
+                        help=f"with --aot: these logits dtypes among {', '.join(aot.DTYPES)} (default: all)")
+    parser.add_argument("--kind", type=aot.parse_list("kind", KIND_NAMES), metavar="KIND[,...]",
+                        help=f"with --aot: these loss kinds among {', '.join(KIND_NAMES)} (default: all; the "
+                             "backward is always compiled)")
     args = parser.parse_args(argv)
-    if args.json and not args.aot:
-        parser.error("--json goes with --aot")
+    for flag in ("json", "vocab", "dtype", "kind"):
+        if getattr(args, flag) and not args.aot:
+            parser.error(f"--{flag} goes with --aot")
     if not args.json:
         print(environment_report())
     if not args.aot:
         return 0
     if not args.json:
         print()
-    return aot.main(args.aot, as_json=args.json)
+    return aot.main(args.aot, as_json=args.json, vocabs=args.vocab, dtypes=args.dtype, kinds=args.kind)
 
 
 if __name__ == "__main__":
