@@ -11,10 +11,14 @@ compiled; V = 50,257 shows the unaligned case. Per variant the report gives, fro
 * ``spill_bytes``: bytes of local-memory stores (``STL``) in the SASS, i.e. register spills (our kernels have
   no local arrays); a non-zero stack frame is reported as a failure too;
 * ``shared_bytes``: the shared memory Triton allocates for the kernel;
-* ``max_global_load_bits`` / ``max_global_store_bits``: the widest ``LDG``/``LDGSTS`` and ``STG`` (128 means
-  vectorised 16-byte accesses);
-* ``loop_barriers``: barrier instructions (``BAR.*``, ``SYNCS.*``) inside an innermost loop (a backward
-  branch's range holding no other loop): the vocabulary loops (forward_grad's outer loop is over rows).
+* ``loops``: each vocabulary loop itself, i.e. each innermost loop (a backward branch's range holding no other
+  loop; forward_grad's outer loop is over rows), or the whole program of a kernel without a loop (the
+  backward: one block of the vocabulary per program). Per loop (`LoopReport`): the widest global load and
+  store inside it (``LDG``/``LDGSTS``, ``STG``; 128 means 16-byte accesses), and per logit: SASS instructions,
+  shuffles (``SHFL``), barriers (``BAR.*``, ``SYNCS.*``) and global bytes, counted statically over the body
+  (Triton does not unroll these loops: one pass of the body is one block of ``BLOCK_V`` logits, i.e.
+  ``BLOCK_V / (32 * num_warps)`` a thread); and the share of the SM's issue rate that moving those bytes at
+  full DRAM bandwidth needs (`IssueModel`: an H100 SXM and an H200; benchmarks/README.md states the model).
 
 Exit status 1 if a variant fails to compile or spills.
 """
@@ -22,6 +26,7 @@ Exit status 1 if a variant fails to compile or spills.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -32,7 +37,30 @@ import sys
 import tempfile
 
 JSON_KEYS = ("kernel", "pass", "dtype", "vocab", "block_v", "num_warps", "registers", "spill_bytes", "shared_bytes",
-             "max_global_load_bits", "max_global_store_bits", "loop_barriers")
+             "loops")
+LOOP_JSON_KEYS = ("load_bits", "store_bits", "instructions_per_logit", "shuffles_per_logit", "barriers_per_logit",
+                  "bytes_per_logit", "issue_utilisation")
+
+
+@dataclasses.dataclass(frozen=True)
+class IssueModel:
+    """Issue rate against DRAM bandwidth: each of ``schedulers`` per SM issues one warp-instruction (32 thread
+    instructions) a clock, so full bandwidth leaves ``32 * schedulers * sms * clock_hz / dram_bytes_per_s``
+    thread instructions per byte moved."""
+
+    name: str
+    sms: int
+    schedulers: int
+    clock_hz: float
+    dram_bytes_per_s: float
+
+    @property
+    def instructions_per_byte(self) -> float:
+        return 32 * self.schedulers * self.sms * self.clock_hz / self.dram_bytes_per_s
+
+
+# Boost clocks and HBM3/HBM3e bandwidths as NVIDIA states them; 9.99 and 6.97 thread instructions per byte.
+GPUS = (IssueModel("H100 SXM", 132, 4, 1.98e9, 3.35e12), IssueModel("H200", 132, 4, 1.98e9, 4.8e12))
 
 
 class ToolchainMissing(RuntimeError):
@@ -94,6 +122,49 @@ def parse_arch(text: str) -> str:
 
 
 @dataclasses.dataclass
+class LoopReport:
+    """One vocabulary loop's body, counted per thread over one pass (``logits`` logits a thread).
+
+    ``load_bits`` / ``store_bits``: the width of the row's accesses, i.e. of the global loads (stores) that carry
+    the most bytes in the body (per-row scalars, loaded once per program, do not count); 0 when it has none.
+    """
+
+    logits: int
+    itemsize: int  # the logits' element size
+    instructions: int
+    load_bits: int
+    store_bits: int
+    shuffles: int
+    barriers: int
+
+    def per_logit(self, count: int) -> float:
+        return count / self.logits
+
+    @property
+    def bytes_per_logit(self) -> int:
+        """Global bytes per logit: the logit read where the loop loads the row, its gradient where it stores."""
+        return self.itemsize * (bool(self.load_bits) + bool(self.store_bits))
+
+    def issue_utilisation(self, gpu: IssueModel) -> float | None:
+        """Thread instructions per global byte over what ``gpu`` can issue per byte at full DRAM bandwidth.
+
+        Counts every byte the loop loads or stores as DRAM traffic: for forward_grad's second loop, whose
+        re-read of the row hits L2 by design, the DRAM bytes are its stores alone, so its figure is a floor.
+        """
+        if not self.bytes_per_logit:
+            return None
+        return self.per_logit(self.instructions) / self.bytes_per_logit / gpu.instructions_per_byte
+
+    def as_json(self) -> dict:
+        return {"load_bits": self.load_bits, "store_bits": self.store_bits,
+                "instructions_per_logit": self.per_logit(self.instructions),
+                "shuffles_per_logit": self.per_logit(self.shuffles),
+                "barriers_per_logit": self.per_logit(self.barriers),
+                "bytes_per_logit": self.bytes_per_logit,
+                "issue_utilisation": {gpu.name: self.issue_utilisation(gpu) for gpu in GPUS}}
+
+
+@dataclasses.dataclass
 class VariantReport:
     kernel: str
     pass_: str
@@ -104,9 +175,7 @@ class VariantReport:
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
-    max_global_load_bits: int | None = None
-    max_global_store_bits: int | None = None
-    loop_barriers: int | None = None
+    loops: list[LoopReport] = dataclasses.field(default_factory=list)
     stack_bytes: int | None = None
     specialised: str = ""  # the integer arguments specialised as divisible by 16
     programs: int | None = None  # forward_grad's persistent grid on an H100
@@ -119,6 +188,7 @@ class VariantReport:
     def as_json(self) -> dict:
         values = dataclasses.asdict(self)
         values["pass"] = values.pop("pass_")
+        values["loops"] = [loop.as_json() for loop in self.loops]
         return {key: values[key] for key in JSON_KEYS}
 
     def rows_in_flight_bytes(self, itemsize: int) -> int | None:
@@ -140,26 +210,53 @@ def _access_bits(opcode: str) -> int:
     return 32
 
 
-def sass_facts(sass: str) -> dict:
-    """Widest global load/store (bits), spill-store bytes and barriers in innermost loops, from ``cuobjdump -sass``."""
-    instructions = [(int(addr, 16), opcode, operands) for addr, opcode, operands in _SASS_LINE.findall(sass)]
+def _sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode, operands)`` of every instruction but NOPs (alignment padding)."""
+    return [(int(addr, 16), opcode, operands) for addr, opcode, operands in _SASS_LINE.findall(sass)
+            if opcode != "NOP"]
+
+
+def vocabulary_loops(instructions) -> list[tuple[int, int]]:
+    """Address ranges of the innermost loops, or of the whole program when it has no loop."""
     loops = []
     for addr, opcode, operands in instructions:
         target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
             loops.append((int(target.group(1), 16), addr))
     innermost = [(lo, hi) for lo, hi in loops if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
-    facts = {"max_global_load_bits": 0, "max_global_store_bits": 0, "spill_bytes": 0, "loop_barriers": 0}
-    for addr, opcode, _ in instructions:
-        if opcode.startswith(("LDG", "LDGSTS")):
-            facts["max_global_load_bits"] = max(facts["max_global_load_bits"], _access_bits(opcode))
-        elif opcode.startswith("STG"):
-            facts["max_global_store_bits"] = max(facts["max_global_store_bits"], _access_bits(opcode))
-        elif opcode.startswith("STL"):
-            facts["spill_bytes"] += _access_bits(opcode) // 8
-        elif opcode.startswith(("BAR", "SYNCS")) and any(lo <= addr <= hi for lo, hi in innermost):
-            facts["loop_barriers"] += 1
-    return facts
+    if innermost or not instructions:
+        return sorted(innermost)
+    # No loop: the program ends at its EXIT (what follows is the trap/self-branch Triton appends).
+    exits = [addr for addr, opcode, _ in instructions if opcode == "EXIT"]
+    return [(instructions[0][0], max(exits) if exits else instructions[-1][0])]
+
+
+def _row_access_bits(widths: list[int]) -> int:
+    """The width whose accesses carry the most bytes (the row's, whatever scalars sit beside it); 0 if none."""
+    carried = collections.Counter()
+    for bits in widths:
+        carried[bits] += bits
+    return max(carried, key=lambda bits: (carried[bits], bits)) if carried else 0
+
+
+def loop_facts(body, logits: int, itemsize: int) -> LoopReport:
+    """A `LoopReport` of the instructions ``body`` (one pass of a loop), which handle ``logits`` per thread."""
+    loads = [_access_bits(op) for _, op, _ in body if op.startswith(("LDG", "LDGSTS"))]
+    stores = [_access_bits(op) for _, op, _ in body if op.startswith("STG")]
+    return LoopReport(logits=logits, itemsize=itemsize, instructions=len(body), load_bits=_row_access_bits(loads),
+                      store_bits=_row_access_bits(stores), shuffles=sum(op.startswith("SHFL") for _, op, _ in body),
+                      barriers=sum(op.startswith(("BAR", "SYNCS")) for _, op, _ in body))
+
+
+def sass_facts(sass: str, logits_per_pass: int = 1, itemsize: int = 2) -> dict:
+    """Spill-store bytes (``STL``) and the `LoopReport` of each vocabulary loop, from ``cuobjdump -sass``;
+    ``logits_per_pass``: the logits one thread handles per pass of a loop (``BLOCK_V / (32 * num_warps)``),
+    ``itemsize`` their element size."""
+    instructions = _sass_instructions(sass)
+    loops = [loop_facts([ins for ins in instructions if lo <= ins[0] <= hi], logits_per_pass, itemsize)
+             for lo, hi in vocabulary_loops(instructions)]
+    spills = sum(_access_bits(op) // 8 for _, op, _ in instructions if op.startswith("STL"))
+    return {"spill_bytes": spills, "loops": loops}
 
 
 def _cubin_tool(tool_args: list[str], cubin: bytes) -> str:
@@ -210,7 +307,9 @@ def report(arch: str = "sm_90", variants=None) -> list[VariantReport]:
     rows = []
     for variant in (logprob.aot_variants() if variants is None else variants):
         kernel = variant["kernel"].__name__.strip("_")
-        row = VariantReport(kernel=kernel + (f"[{variant['kind']}]" if variant["kind"] else ""),
+        # "+entropy": the kernel compiled with its ENTROPY switch on (the same pass with the entropy beside it).
+        name = kernel + (f"[{variant['kind']}]" if variant["kind"] else "") + ("+entropy" if variant["entropy"] else "")
+        row = VariantReport(kernel=name,
                             pass_=variant["pass"], dtype=variant["dtype"], vocab=variant["vocab"],
                             block_v=variant["meta"]["BLOCK_V"], num_warps=variant["meta"]["num_warps"],
                             programs=variant["grid"][0] if variant["pass"] == "forward_grad" else None)
@@ -218,7 +317,8 @@ def report(arch: str = "sm_90", variants=None) -> list[VariantReport]:
             compiled, divisible = compile_variant(variant, arch)
             cubin = compiled.asm["cubin"]
             usage = resource_usage(cubin)
-            facts = sass_facts(_cubin_tool(["-sass"], cubin))
+            facts = sass_facts(_cubin_tool(["-sass"], cubin), row.block_v // (32 * row.num_warps),
+                               _ITEMSIZE[row.dtype])
             row.registers, row.stack_bytes = usage.get("REG"), usage.get("STACK", 0) + usage.get("LOCAL", 0)
             row.shared_bytes = compiled.metadata.shared
             row.specialised = ",".join(divisible)
@@ -234,36 +334,103 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def format_table(rows: list[VariantReport], arch: str) -> str:
+    """Two markdown tables: one line per variant (resources), then one per vocabulary loop (its body)."""
     lines = [
         f"Ahead-of-time compile for {arch}: every launch as the launchers make it for logits[:, :-1] of a "
         "contiguous (8, 512, V) buffer, with Triton's runtime specialisation (16-byte aligned pointers; "
-        "integers divisible by 16 listed under 'specialised'). Loads/stores: widest global access in bits; "
-        "loop barriers: barriers inside the vocabulary loops; L2 rows: forward_grad's logit rows resident at "
+        "integers divisible by 16 listed under 'specialised'). L2 rows: forward_grad's logit rows resident at "
         "once on an H100 (its persistent grid there; 50 MB of L2).",
         "",
         "| kernel | pass | dtype | V | BLOCK_V | warps | registers | spill (B) | stack (B) | shared (B) "
-        "| load bits | store bits | loop barriers | specialised | L2 rows (MB) | status |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "| specialised | L2 rows (MB) | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in rows:
         in_flight = row.rows_in_flight_bytes(_ITEMSIZE[row.dtype]) if row.pass_ == "forward_grad" else None
         status = "ok" if row.ok else (row.error or "SPILLS")
         cells = [row.kernel, row.pass_, row.dtype, row.vocab, row.block_v, row.num_warps, row.registers,
-                 row.spill_bytes, row.stack_bytes, row.shared_bytes, row.max_global_load_bits,
-                 row.max_global_store_bits, row.loop_barriers, row.specialised or "-",
+                 row.spill_bytes, row.stack_bytes, row.shared_bytes, row.specialised or "-",
                  f"{in_flight / 1e6:.1f}" if in_flight else "-", status]
         lines.append("| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *loop_table(rows)])
 
 
-def main(arch: str, *, as_json: bool = False) -> int:
-    """Print the report for ``arch`` (a table, or JSON: a list of objects with `JSON_KEYS`); 1 on any failure."""
+def loop_table(rows: list[VariantReport]) -> list[str]:
+    """One markdown line per vocabulary loop: its widest accesses and, per logit, what its body issues."""
+    issue = " | ".join(f"issue at {gpu.name} BW" for gpu in GPUS)
+    lines = [
+        "Vocabulary loops (loop n of the kernel; a kernel without a loop: its program, one block): the width of "
+        "the row's loads and stores in the loop (bits; 0: none), and per logit its SASS instructions, shuffles, "
+        "barriers and global bytes (the logit read, its gradient written); 'issue at X BW': the share of the "
+        "SM's issue rate the loop needs to move those bytes at X's full DRAM bandwidth (over 100%: it cannot; "
+        + ", ".join(
+            f"{gpu.name} {gpu.instructions_per_byte:.2f} instructions per byte" for gpu in GPUS) + ").",
+        "",
+        f"| kernel | pass | dtype | V | loop | load bits | store bits | SASS/logit | SHFL/logit | BAR/logit "
+        f"| bytes/logit | {issue} |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(GPUS),
+    ]
+    for row in rows:
+        for number, loop in enumerate(row.loops, 1):
+            cells = [row.kernel, row.pass_, row.dtype, row.vocab, number, loop.load_bits, loop.store_bits,
+                     f"{loop.per_logit(loop.instructions):.2f}", f"{loop.per_logit(loop.shuffles):.2f}",
+                     f"{loop.per_logit(loop.barriers):.2f}", loop.bytes_per_logit,
+                     *(_percent(loop.issue_utilisation(gpu)) for gpu in GPUS)]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return lines
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def parse_list(kind: str, choices=None):
+    """argparse type of the comma-separated ``--vocab`` (positive ints), ``--dtype`` and ``--kind`` lists."""
+
+    def parse(text: str):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if kind == "vocab":
+            if not items or not all(item.isdigit() and int(item) > 0 for item in items):
+                raise argparse.ArgumentTypeError(f"expected vocabulary sizes such as 32000,50257, got {text!r}")
+            return tuple(int(item) for item in items)
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"expected {kind}s among {', '.join(choices)}, got {text!r}")
+        return tuple(items)
+
+    return parse
+
+
+def selected_variants(vocabs=None, dtypes=None, kinds=None) -> list[dict]:
+    """`aot_variants` restricted to the given vocabularies, dtype names and loss-kind names (None: its default;
+    the backward, which has no kind, is always included)."""
+    import torch
+
+    from .kernels import logprob
+    from .kinds import KINDS
+
+    options = {}
+    if vocabs:
+        options["vocabs"] = tuple(vocabs)
+    if dtypes:
+        options["dtypes"] = tuple(getattr(torch, name) for name in dtypes)
+    if kinds:
+        options["kinds"] = tuple(kind for kind in KINDS if kind.name in kinds)
+    return list(logprob.aot_variants(**options))
+
+
+def main(arch: str, *, as_json: bool = False, vocabs=None, dtypes=None, kinds=None) -> int:
+    """Print the report for ``arch`` (a table, or JSON: a list of objects with `JSON_KEYS`, each loop with
+    `LOOP_JSON_KEYS`) over `selected_variants`; 1 on any failure."""
     from . import _dispatch
 
     if _dispatch.interpreter_enabled():
         print("--aot compiles for a real GPU target: run it with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
-    rows = report(arch)
+    rows = report(arch, selected_variants(vocabs, dtypes, kinds))
     if as_json:
         print(json.dumps([row.as_json() for row in rows], indent=1))
     else:

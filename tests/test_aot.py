@@ -49,20 +49,35 @@ def test_json_schema_of_one_small_variant():
     assert row["kernel"] == "logprob_fwd_kernel[logprobs]" and row["pass"] == "forward"
     assert (row["dtype"], row["vocab"], row["block_v"], row["num_warps"]) == ("float32", 1024, 1024, 4)
     assert 0 < row["registers"] <= 255 and row["spill_bytes"] == 0 and row["shared_bytes"] >= 0
-    assert row["max_global_load_bits"] == 128 and row["loop_barriers"] == 0
+    (loop,) = row["loops"]
+    assert list(loop) == list(aot.LOOP_JSON_KEYS)
+    assert loop["load_bits"] == 128 and loop["store_bits"] == 0 and loop["bytes_per_logit"] == 4
+    assert loop["shuffles_per_logit"] == 0 and loop["barriers_per_logit"] == 0
+    assert 0 < loop["instructions_per_logit"] < 40
+    assert set(loop["issue_utilisation"]) == {gpu.name for gpu in aot.GPUS}
 
 
 @needs_toolchain
 def test_headline_variants_vectorised_without_spills_or_loop_barriers():
-    """The issue's criterion at bf16, V = 50,400 (one kind per pass; the epilogue is outside the loops)."""
+    """The issue's criterion at bf16, V = 50,400 (one kind per pass; the epilogue is outside the loops), with the
+    entropy off and on."""
     rows = _compiled_rows(50400, "bfloat16", ("apa", None))
-    assert sorted(row["pass"] for row in rows) == ["backward", "forward", "forward_grad"]
+    assert sorted(row["pass"] for row in rows) == ["backward", "backward", "forward", "forward", "forward_grad",
+                                                  "forward_grad"]
+    assert sum(row["kernel"].endswith("+entropy") for row in rows) == 3
     for row in rows:
         assert row["ok"] and row["spill_bytes"] == 0, row
-        assert row["max_global_load_bits"] == 128, row
-        assert row["loop_barriers"] == 0, row
-        if row["pass"] != "forward":  # the forward stores four float32 numbers per row, nothing wider exists
-            assert row["max_global_store_bits"] == 128, row
+        # forward_grad: the log-sum-exp loop, then the gradient loop; the backward: one block per program.
+        assert len(row["loops"]) == (2 if row["pass"] == "forward_grad" else 1), row
+        for number, loop in enumerate(row["loops"], 1):
+            assert loop["load_bits"] == 128, row
+            writes = row["pass"] == "backward" or number == 2
+            assert loop["store_bits"] == (128 if writes else 0), row
+            assert loop["shuffles_per_logit"] == 0 and loop["barriers_per_logit"] == 0, row
+            assert loop["bytes_per_logit"] == 2 * (1 + writes), row
+            # The issue model: an H200 leaves fewer instructions per byte than an H100.
+            h100, h200 = (loop["issue_utilisation"][gpu.name] for gpu in aot.GPUS)
+            assert 0 < h100 < h200 < 1, row
 
 
 def test_sass_reading_on_a_synthetic_listing():
@@ -78,8 +93,35 @@ def test_sass_reading_on_a_synthetic_listing():
         /*0080*/                   EXIT ;
         /*0090*/                   BRA 0x90 ;
     """
-    assert aot.sass_facts(sass) == {"max_global_load_bits": 128, "max_global_store_bits": 16, "spill_bytes": 8,
-                                    "loop_barriers": 1}
+    facts = aot.sass_facts(sass, logits_per_pass=8, itemsize=2)
+    # The loop is 0x20-0x50: its load is the 128-bit one (the 16-bit load and store are outside it).
+    assert facts == {"spill_bytes": 8, "loops": [aot.LoopReport(logits=8, itemsize=2, instructions=4, load_bits=128,
+                                                                store_bits=0, shuffles=0, barriers=1)]}
+    (loop,) = facts["loops"]
+    assert loop.per_logit(loop.instructions) == 0.5 and loop.bytes_per_logit == 2
+    h100 = aot.GPUS[0]
+    assert loop.issue_utilisation(h100) == pytest.approx(0.25 / h100.instructions_per_byte)
+
+
+def test_loopless_program_is_its_own_loop_and_row_accesses_outweigh_scalars():
+    """A kernel without a loop (the backward: one block a program) is reported whole, up to its EXIT; its
+    row accesses are the width carrying the most bytes, not the per-row scalars beside them."""
+    sass = """
+        /*0000*/                   LDG.E R3, desc[UR4][R2.64] ;
+        /*0010*/                   MOV R5, R3 ;
+        /*0020*/                   LDG.E.U16 R6, desc[UR4][R8.64] ;
+        /*0030*/                   LDG.E.U16 R7, desc[UR4][R8.64+0x2] ;
+        /*0040*/                   LDG.E.U16 R9, desc[UR4][R8.64+0x4] ;
+        /*0050*/                   SHFL.BFLY PT, R10, R6, 0x1, 0x1f ;
+        /*0060*/                   STG.E.U16 desc[UR4][R12.64], R6 ;
+        /*0070*/                   NOP ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90 ;
+    """
+    (loop,) = aot.sass_facts(sass, logits_per_pass=2, itemsize=2)["loops"]
+    assert (loop.load_bits, loop.store_bits, loop.shuffles, loop.barriers) == (16, 16, 1, 0)
+    assert loop.instructions == 8 and loop.bytes_per_logit == 4  # the NOP and the trailing self-branch left out
+    assert aot.LoopReport(1, 4, 10, 0, 0, 0, 0).issue_utilisation(h100 := aot.GPUS[0]) is None, h100
 
 
 def test_rows_in_flight_of_forward_grad():
@@ -98,9 +140,23 @@ def test_bad_architectures_give_one_line_errors(arch, message):
     assert len(errors) == 1 and message in errors[0], result.stderr
 
 
-def test_json_needs_aot():
-    result = _run("--json")
-    assert result.returncode == 2 and "--json goes with --aot" in result.stderr
+@pytest.mark.parametrize("flag", ["--json", "--vocab=32000", "--dtype=float32", "--kind=apa"])
+def test_report_options_need_aot(flag):
+    result = _run(flag)
+    assert result.returncode == 2 and f"{flag.split('=')[0]} goes with --aot" in result.stderr
+
+
+@pytest.mark.parametrize("flag, message", [("--vocab=0", "expected vocabulary sizes"),
+                                           ("--dtype=float8", "expected dtypes among"),
+                                           ("--kind=dpo", "expected kinds among")])
+def test_report_options_are_checked(flag, message):
+    result = _run("--aot", "sm_90", flag) if aot.toolchain_error() is None else _run("--json", flag)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_issue_model_figures():
+    """32 threads x 4 schedulers x 132 SMs x 1.98 GHz against 3.35 and 4.8 TB/s."""
+    assert [round(gpu.instructions_per_byte, 2) for gpu in aot.GPUS] == [9.99, 6.97]
 
 
 def test_aot_refuses_to_run_under_the_interpreter():
