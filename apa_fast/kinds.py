@@ -2,12 +2,14 @@
 
 A kind is everything the library needs to know about one loss on top of the token log-probability
 ``logp = log_softmax(logits / T)[label]``: its id (the ``LOSS`` constexpr that selects the Triton kernels'
-epilogue), the per-token tensors it reads, its hyper-parameters by name and how they reach the kernel
-(two float slots, ``param0``/``param1``), its torch epilogue (the torch backend's twin of the kernel's),
-and its plain float64 formula (what `apa_fast.reference` and the tests use as the oracle).
+epilogue), the per-token tensors it reads, its hyper-parameters by name (each with its accepted range in
+`HYPER_RANGES`) and how they reach the kernel (two float slots, ``param0``/``param1``), its torch epilogue
+(the torch backend's twin of the kernel's), and its plain float64 formula (what `apa_fast.reference` and the
+tests use as the oracle).
 
-Adding a loss: one `LossKind` entry here, its epilogue branch in ``kernels/logprob.py``, and a public
-function in ``apa_fast/ops.py``; the AOT variants, the reference, the tests and the trainer read this table.
+Adding a loss: one `LossKind` entry here (and a range for each new hyper-parameter), its epilogue branch in
+``kernels/logprob.py``, and a public function in ``apa_fast/logprob.py``; the AOT variants, the reference, the
+tests and the trainer read this table.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+
+from .validation import Range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +36,27 @@ class LossKind:
     name: str
     aux: str | None  # the per-token float input beside the advantages ("ref_logprobs", "old_logprobs") or None
     reads_advantages: bool
-    hyper: tuple[str, ...]
+    hyper: tuple[str, ...]  # names; the accepted range of each is HYPER_RANGES[name]
     kernel_params: Callable[..., tuple[float, float]]
     epilogue: Callable
     reference: Callable
+
+
+# The accepted range of each hyper-parameter, ends included: the float32 arithmetic the kernels (and the torch
+# epilogues) do on it stays finite and exact to float32 rounding for every accepted value, so both backends give
+# the float64 answer. ``lam`` is one parameter of APA and AWR alike: both multiply the advantages by 1/lam.
+HYPER_RANGES: dict[str, Range] = {
+    # 1e-40 would make 1/lam inf, and a zero advantage times it NaN.
+    "lam": Range(1e-6, 1e6, "the float32 kernels multiply the advantages by 1/lam, which must stay a normal number"),
+    "clip_eps": Range(1e-6, 1e6, "1 - clip_eps and 1 + clip_eps must stay finite float32 numbers distinct from 1"),
+    "max_weight": Range(1e-6, 1e6, "the weight, times 1/temperature and 1/normalizer, must stay a finite float32 "
+                                   "gradient scale"),
+}
+
+
+# entropy_coef, accepted by every loss kind: the loss is the kind's minus entropy_coef * entropy (any sign: a
+# negative coefficient penalises entropy).
+ENTROPY_COEF = Range(-1e6, 1e6, "the float32 kernels scale the entropy's gradient by it beside the kind's own")
 
 
 def _logprob_epilogue(logp, aux, adv, param0, param1):
@@ -79,3 +100,4 @@ AWR = LossKind(3, "awr", None, True, ("lam", "max_weight"), lambda lam, max_weig
 KINDS: tuple[LossKind, ...] = (LOGPROB, APA, PPO, AWR)
 BY_NAME: dict[str, LossKind] = {kind.name: kind for kind in KINDS}
 assert [kind.id for kind in KINDS] == list(range(len(KINDS))), "kind ids index KINDS"
+assert {name for kind in KINDS for name in kind.hyper} == set(HYPER_RANGES), "every hyper-parameter has a range"

@@ -30,25 +30,50 @@ Equivalent PyTorch code::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
 
 from . import zero3
-from .kinds import APA, LOGPROB, LossKind
-from .logprob import device_guard, differentiable_once, implementation, not_twice_differentiable, scaled, token_inputs
+from .kinds import APA, AWR, LOGPROB, PPO, LossKind
+from .logprob import (
+    autograd_function,
+    device_guard,
+    differentiable_once,
+    entropy_options,
+    entropy_tangent,
+    implementation,
+    logp_tangent,
+    once_differentiable_op,
+    scaled,
+    token_inputs,
+    transformed,
+)
 from .rows import as_rows3d, reduce_rows, upstream_scale
-from .validation import check_float_rows, check_positive
+from .validation import LOGIT_SCALE, LOGIT_SOFTCAP, Range, check_float_rows, check_integer, check_number
 
-# Upper bound on one chunk's logits, by device type. On CPU (float32 bytes) the torch path holds about four
-# float32 temporaries of its chunk, so 8 MiB keeps the loss's working set near 50 MiB; on CUDA the Triton
-# kernels hold none, and a chunk of 1-3k rows keeps the matmul efficient while its logits stay far below
-# the full [tokens x vocab] tensor.
-CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
-# A chunk never takes more than this fraction of the free memory.
+# The default chunk (`_chunk_rows`) weighs the chunk's memory against the weight gradient's accumulation.
+# Every chunk reads and writes the float32 (V, H) weight gradient once: 8 bytes an element, 12 when the
+# projection runs in 16 bits (the chunk's product is written, read, then added). Its three matmuls do
+# 6 * rows * V * H flops. The accumulation takes at most ACCUMULATION_OVERHEAD of the matmuls' time when
+# rows >= bytes * BALANCE / (6 * ACCUMULATION_OVERHEAD), BALANCE being the device's flops per DRAM byte
+# (V and H cancel): a few-core x86 CPU does ~150 GFLOP/s fp32 on ~10 GB/s (16); an H100 989 TFLOP/s bf16 on
+# 3.35 TB/s (300). That gives 128 rows on CPU and 2,432 on CUDA (bf16).
+BALANCE = {"cpu": 16, "cuda": 300}
+ACCUMULATION_OVERHEAD = 0.25
+# Above that floor, a chunk is 1/MAX_ACCUMULATIONS of the counted rows: the weight gradient is accumulated at
+# most this many times a step whatever the tokens, and one chunk's logits are 1/8 of the logits the naive
+# path materialises (measured on CPU at 2,048 x H 1,024 x V 50,400 fp32: peak 0.27 of the plain eager path).
+MAX_ACCUMULATIONS = 8
+# Caps on one chunk's logits: a fraction of the free memory and a ceiling by device type, above the floor's
+# rows for any V up to 256k (1 GiB is 1,048 float32 rows of 256k on CPU; 2 GiB 4,194 bf16 rows on CUDA).
+MAX_CHUNK_BYTES = {"cpu": 2**30, "cuda": 2 * 2**30}
 FREE_MEMORY_FRACTION = 8
 # Chunks are a multiple of this many rows when they can be (tensor-core tiles).
 ROW_MULTIPLE = 64
+# chunk_size reaches the custom ops as an int64 and row indices as int64 tensors.
+CHUNK_SIZE = Range(1, 2**63 - 1, "a number of token rows")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,16 +108,24 @@ def _projection_dtype(hidden, weight, bias) -> torch.dtype:
     return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
 
 
-def _chunk_rows(chunk_size, hidden_size, vocab, dtype, device) -> int:
-    """Rows per chunk: ``chunk_size`` when positive, else the most whose logits fit the device's budget."""
+def _chunk_rows(chunk_size, rows, hidden_size, vocab, dtype, device) -> int:
+    """Rows per chunk for ``rows`` counted token rows: ``chunk_size`` when positive, else the model above.
+
+    ``max(accumulation floor, ceil(rows / MAX_ACCUMULATIONS))`` rounded up to ``ROW_MULTIPLE``, then capped
+    by the chunk's bytes (logits, float32 on CPU where the torch path upcasts, plus the gathered hidden row
+    and its gradient) against ``MAX_CHUNK_BYTES`` and the free memory, and by ``rows``; at least 1.
+    """
     if chunk_size > 0:
         return chunk_size
-    budget = min(CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]), _free_bytes(device) // FREE_MEMORY_FRACTION)
-    # Per row: the logits (float32 on CPU, where the torch path upcasts) plus the gathered hidden row and its grad.
-    logit_bytes = 4 if device.type == "cpu" else torch.finfo(dtype).bits // 8
-    row_bytes = vocab * logit_bytes + 2 * hidden_size * torch.finfo(dtype).bits // 8
-    rows = max(1, budget // row_bytes)
-    return rows - rows % ROW_MULTIPLE if rows >= ROW_MULTIPLE else rows
+    itemsize = torch.finfo(dtype).bits // 8
+    accumulated_bytes = 8 if itemsize == 4 else 12
+    floor = math.ceil(accumulated_bytes * BALANCE.get(device.type, BALANCE["cuda"]) / (6 * ACCUMULATION_OVERHEAD))
+    wanted = max(floor, -(-rows // MAX_ACCUMULATIONS))
+    wanted = -(-wanted // ROW_MULTIPLE) * ROW_MULTIPLE
+    logit_bytes = 4 if device.type == "cpu" else itemsize
+    row_bytes = vocab * logit_bytes + 2 * hidden_size * itemsize
+    budget = min(MAX_CHUNK_BYTES.get(device.type, MAX_CHUNK_BYTES["cuda"]), _free_bytes(device) // FREE_MEMORY_FRACTION)
+    return max(1, min(wanted, budget // row_bytes, rows))
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -143,13 +176,16 @@ class _Projection:
 
 @dataclasses.dataclass(frozen=True)
 class _LogitsPass:
-    """What every chunk of logits goes through: one implementation of the kernel family and one loss kind."""
+    """What every chunk of logits goes through: one implementation of the kernel family and one loss kind, with
+    the entropy (and its coefficient in the loss) or without."""
 
     impl: object
     loss_kind: int
     inv_temperature: float
     param0: float
     param1: float
+    entropy: bool = False
+    entropy_coef: float = 0.0
 
 
 @dataclasses.dataclass
@@ -193,20 +229,23 @@ class _Gradients:
 
 
 def _sweep(proj, passes, labels, counted_rows, chunk_rows, *, aux=None, adv=None, row_scale=None, lse=None,
-           row_grad=None, grads=None):
+           row_grad=None, grads=None, entropy=None, entropy_grad=None):
     """One pass over ``counted_rows`` (int64, flat token indices), one chunk of logits at a time.
 
     Forward mode (``aux``/``adv`` given, float32 ``(rows,)``, empty when the epilogue ignores them): returns
-    float32 ``(4, rows)`` = (logp, lse, loss, dlogp), zero on rows that do not count; with ``grads`` it also
-    accumulates the gradients of ``sum(row_scale * loss)`` (``row_scale`` a float32 0-dim tensor).
+    float32 ``(4, rows)`` = (logp, lse, loss, dlogp), and the entropy fifth with ``passes.entropy``, zero on rows
+    that do not count; with ``grads`` it also accumulates the gradients of ``sum(row_scale * (loss -
+    entropy_coef * entropy))`` (``row_scale`` a float32 0-dim tensor; the entropy term with ``passes.entropy``).
     Backward mode (``lse`` and ``row_grad``, float32 ``(rows,)``): accumulates into ``grads`` the gradients
-    of ``sum(row_grad * logp)``.
+    of ``sum(row_grad * logp + entropy_grad * entropy)`` (the entropy term when ``entropy``/``entropy_grad``,
+    the forward's entropy and its upstream gradient, are given).
     """
     forward_mode = aux is not None
     impl = passes.impl
     kernel_args = dict(loss_kind=passes.loss_kind, inv_temperature=passes.inv_temperature, param0=passes.param0,
-                       param1=passes.param1)
-    stats = torch.zeros(4, labels.numel(), dtype=torch.float32, device=labels.device) if forward_mode else None
+                       param1=passes.param1, entropy=passes.entropy)
+    stats = (torch.zeros(4 + passes.entropy, labels.numel(), dtype=torch.float32, device=labels.device)
+             if forward_mode else None)
     for start in range(0, counted_rows.numel(), chunk_rows):
         rows = counted_rows[start:start + chunk_rows]
         hidden_rows = proj.hidden_rows(rows)
@@ -217,13 +256,15 @@ def _sweep(proj, passes, labels, counted_rows, chunk_rows, *, aux=None, adv=None
             chunk_aux, chunk_adv = (aux[rows] if aux.numel() else aux), (adv[rows] if adv.numel() else adv)
             if grads is not None:
                 chunk_stats = impl.forward_grad(logits3d, chunk_labels, chunk_aux, chunk_adv, logits3d, row_scale,
-                                                **kernel_args)
+                                                entropy_coef=passes.entropy_coef, **kernel_args)
             else:
                 chunk_stats = impl.forward(logits3d, chunk_labels, chunk_aux, chunk_adv, **kernel_args)
             stats[:, rows] = torch.stack(chunk_stats)
         else:
+            entropy_args = {} if entropy_grad is None else {"entropy": entropy[rows].contiguous(),
+                                                            "entropy_grad": entropy_grad[rows].contiguous()}
             impl.backward(logits3d, chunk_labels, lse[rows], row_grad[rows].contiguous(), logits3d,
-                          inv_temperature=passes.inv_temperature)
+                          inv_temperature=passes.inv_temperature, **entropy_args)
         if grads is not None:
             grads.accumulate(proj, rows, hidden_rows, proj.chain(logits, tanh))
     return stats
@@ -233,9 +274,10 @@ def _sweep(proj, passes, labels, counted_rows, chunk_rows, *, aux=None, adv=None
 # Custom ops and their autograd formulas.
 # ----------------------------------------------------------------------------------------------------
 def _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, loss_kind=0, inv_temperature=1.0, param0=0.0,
-           param1=0.0):
+           param1=0.0, entropy=False, entropy_coef=0.0):
     proj = _Projection(as_rows3d(hidden), weight, bias, logit_scale, logit_softcap)
-    return proj, _LogitsPass(implementation(backend), loss_kind, inv_temperature, param0, param1)
+    return proj, _LogitsPass(implementation(backend), loss_kind, inv_temperature, param0, param1, entropy,
+                             entropy_coef)
 
 
 @torch.library.custom_op("apa_fast::linear_forward", mutates_args=())
@@ -243,58 +285,70 @@ def _linear_forward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     aux: torch.Tensor, adv: torch.Tensor, denom: torch.Tensor | None, kind: int, inv_temperature: float,
     param0: float, param1: float, logit_scale: float, logit_softcap: float, reduction: str, chunk_size: int,
-    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output, stats, grad_hidden, grad_weight, grad_bias); stats: float32 ``(2, rows)`` lse and dlogp. The
-    gradients (of the output, for an upstream gradient of 1) are computed here for scalar reductions and
-    returned empty otherwise."""
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool, entropy_coef: float = 0.0,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, stats, grad_hidden, grad_weight, grad_bias, entropy); stats: float32 ``(2, rows)`` lse and dlogp.
+    The gradients (of the output, for an upstream gradient of 1) are computed here for scalar reductions and
+    returned empty otherwise. With ``entropy``: ``entropy`` is the float32 ``(rows,)`` entropy (else empty) and
+    the output is the kind's loss minus ``entropy_coef`` times the entropy, per token or under the reduction."""
     proj, passes = _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, kind, inv_temperature, param0,
-                          param1)
+                          param1, entropy, entropy_coef)
     needed = (need_hidden, need_weight, need_bias)
     with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
         counted_rows = torch.nonzero(labels >= 0).squeeze(1)  # one host sync: the chunk loop's length
-        chunk_rows = _chunk_rows(chunk_size, hidden.shape[-1], weight.shape[0], hidden.dtype, hidden.device)
+        chunk_rows = _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
+                                 hidden.device)
         grads = _Gradients.zeros(proj, labels.numel(), needed) if reduction != "none" and any(needed) else None
         row_scale = upstream_scale(reduction, torch.ones((), device=hidden.device), denom)
-        _, lse, loss, dlogp = _sweep(proj, passes, labels, counted_rows, chunk_rows, aux=aux, adv=adv,
-                                        row_scale=row_scale, grads=grads)
+        _, lse, loss, dlogp, *entropy_rows = _sweep(proj, passes, labels, counted_rows, chunk_rows, aux=aux, adv=adv,
+                                                    row_scale=row_scale, grads=grads)
+        if entropy:
+            loss = loss - entropy_coef * entropy_rows[0]
         # A copy: the per-token output must not share memory with the other outputs (custom-op contract).
         output = reduce_rows(reduction, loss.clone(), denom, hidden.shape[:-1])  # for log-probs, loss is logp
         grad_outputs = (grads or _Gradients(None, None, None)).outputs(proj, hidden.shape)
-    return output, torch.stack([lse, dlogp]), *grad_outputs
+    entropy_out = entropy_rows[0].clone() if entropy else lse.new_empty(0)
+    return output, torch.stack([lse, dlogp]), *grad_outputs, entropy_out
 
 
 @_linear_forward_op.register_fake
 def _(hidden, weight, bias, labels, aux, adv, denom, kind, inv_temperature, param0, param1, logit_scale,
-      logit_softcap, reduction, chunk_size, backend, need_hidden, need_weight, need_bias):
+      logit_softcap, reduction, chunk_size, backend, need_hidden, need_weight, need_bias, entropy_coef=0.0,
+      entropy=False):
     stats = labels.new_empty((2, labels.shape[0]), dtype=torch.float32)
     output = stats.new_empty(hidden.shape[:-1] if reduction == "none" else ())
     now = reduction != "none"
     return (output, stats,
             hidden.new_empty(hidden.shape if now and need_hidden else (0,)),
             weight.new_empty(weight.shape if now and need_weight else (0,)),
-            weight.new_empty(weight.shape[:1] if now and need_bias else (0,)))
+            weight.new_empty(weight.shape[:1] if now and need_bias else (0,)),
+            stats.new_empty((labels.shape[0] if entropy else 0,)))
 
 
 @torch.library.custom_op("apa_fast::linear_backward", mutates_args=())
 def _linear_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor,
     row_grad: torch.Tensor, inv_temperature: float, logit_scale: float, logit_softcap: float, chunk_size: int,
-    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool, entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum(row_grad * logp)`` with respect to hidden, weight, bias (empty where not needed)."""
+    """Gradients of ``sum(row_grad * logp + entropy_grad * entropy)`` (the entropy term when both are given) with
+    respect to hidden, weight, bias (empty where not needed)."""
     proj, passes = _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, inv_temperature=inv_temperature)
     with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
         counted_rows = torch.nonzero(labels >= 0).squeeze(1)
-        chunk_rows = _chunk_rows(chunk_size, hidden.shape[-1], weight.shape[0], hidden.dtype, hidden.device)
+        chunk_rows = _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
+                                 hidden.device)
         grads = _Gradients.zeros(proj, labels.numel(), (need_hidden, need_weight, need_bias))
-        _sweep(proj, passes, labels, counted_rows, chunk_rows, lse=lse, row_grad=row_grad, grads=grads)
+        _sweep(proj, passes, labels, counted_rows, chunk_rows, lse=lse, row_grad=row_grad, grads=grads,
+               entropy=entropy, entropy_grad=entropy_grad)
         return grads.outputs(proj, hidden.shape)
 
 
 @_linear_backward_op.register_fake
 def _(hidden, weight, bias, labels, lse, row_grad, inv_temperature, logit_scale, logit_softcap, chunk_size, backend,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, entropy=None, entropy_grad=None):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty(weight.shape[:1] if need_bias else (0,)))
@@ -302,48 +356,104 @@ def _(hidden, weight, bias, labels, lse, row_grad, inv_temperature, logit_scale,
 
 def _setup_linear(ctx, inputs, output):
     (hidden, weight, bias, labels, _, _, denom, _, inv_temperature, _, _, logit_scale, logit_softcap, reduction,
-     chunk_size, backend, *needed) = inputs
-    _, stats, *grads = output
-    # Only the loss is differentiated: no (V, H) zeros materialised for the gradient outputs in the backward.
+     chunk_size, backend, need_hidden, need_weight, need_bias, *entropy_inputs) = inputs
+    _, stats, *grads, entropy = output
+    # Only the loss (and, per token, the entropy) is differentiated: no (V, H) zeros materialised for the gradient
+    # outputs in the backward.
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(stats, *grads)
-    ctx.needed, ctx.reduction = tuple(needed), reduction
+    ctx.mark_non_differentiable(stats, *grads, *([entropy] if reduction != "none" or not entropy.numel() else []))
+    ctx.needed, ctx.reduction = (need_hidden, need_weight, need_bias), reduction
     ctx.config = (inv_temperature, logit_scale, logit_softcap, chunk_size, backend)
+    ctx.entropy_coef = entropy_inputs[0] if entropy_inputs else 0.0
     ctx.has_denom = denom is not None
+    ctx.num_inputs = len(inputs)  # the custom op sees its defaults, the autograd.Function only what was passed
     if reduction != "none":
         ctx.save_for_backward(*grads)
     else:
-        ctx.save_for_backward(hidden, weight, bias, labels, stats)
+        # The entropy (empty when off) is saved for its gradient term.
+        ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
+        ctx.save_for_forward(hidden, weight, bias, labels, stats, entropy)
 
 
 def _linear_backward(ctx, grad_output, *unused):
     if ctx.reduction != "none":
         grads = tuple(differentiable_once(scaled(g, grad_output)) for g in ctx.saved_tensors)
     else:
-        hidden, weight, bias, labels, (lse, dlogp) = ctx.saved_tensors
-        grads = _linear_backward_op(hidden, weight, bias, labels, lse, dlogp * grad_output.reshape(-1).float(),
-                                    *ctx.config, *ctx.needed)
+        hidden, weight, bias, labels, (lse, dlogp), entropy = ctx.saved_tensors
+        # Upstream gradients may be None (set_materialize_grads(False)): an output the objective does not use.
+        grad_output = torch.zeros_like(lse) if grad_output is None else grad_output.reshape(-1).float()
+        entropy_args = ()
+        if entropy.numel():
+            # The output is loss - entropy_coef * H per token: H gets -entropy_coef times its upstream gradient,
+            # plus the entropy output's own.
+            grad_entropy = unused[-1]
+            entropy_grad = -ctx.entropy_coef * grad_output
+            entropy_grad = entropy_grad if grad_entropy is None else entropy_grad + grad_entropy.reshape(-1).float()
+            entropy_args = (entropy, torch.where(labels >= 0, entropy_grad, 0.0))
+        grads = _linear_grads(hidden, weight, bias, labels, lse, dlogp * grad_output, *ctx.config, *ctx.needed,
+                              *entropy_args)
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needed, strict=True))
-    return grad_hidden, grad_weight, grad_bias, *([None] * 16)
+    return grad_hidden, grad_weight, grad_bias, *([None] * (ctx.num_inputs - 3))
 
 
-torch.library.register_autograd("apa_fast::linear_forward", _linear_backward, setup_context=_setup_linear)
-torch.library.register_autograd("apa_fast::linear_backward", not_twice_differentiable,
-                                setup_context=lambda ctx, inputs, output: None)
+def _linear_jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *_):
+    """Tangent of the per-token output (forward mode runs the linear ops per token: `transformed`) for
+    the tangents of hidden, weight and bias: each chunk's logits are projected again, their tangent ``dz`` taken
+    through the projection, scale and soft cap, and `logp_tangent` does the rest. The other inputs' tangents are
+    not propagated, as their gradients are not."""
+    hidden, weight, bias, labels, (lse, dlogp), entropy = ctx.saved_tensors
+    inv_temperature, logit_scale, logit_softcap, chunk_size, _ = ctx.config
+    proj = _Projection(as_rows3d(hidden), weight, bias, logit_scale, logit_softcap)
+    counted_rows = torch.nonzero(labels >= 0).squeeze(1)
+    chunk_rows = _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
+                             hidden.device)
+    hidden_rows_tangent = None if hidden_tangent is None else hidden_tangent.reshape(-1, hidden.shape[-1])
+    parts, entropy_parts = [lse[:0]], [lse[:0]]
+    with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, counted_rows.numel(), chunk_rows):
+            rows = counted_rows[start:start + chunk_rows]
+            hidden_rows = proj.hidden_rows(rows)
+            logits, tanh = proj.logits(hidden_rows)
+            dz = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+            if hidden_rows_tangent is not None:
+                dz = dz + hidden_rows_tangent[rows] @ weight.T
+            if weight_tangent is not None:
+                dz = dz + hidden_rows @ weight_tangent.T
+            if bias_tangent is not None:
+                dz = dz + bias_tangent
+            dz = dz * logit_scale if tanh is None else dz * logit_scale * (1.0 - tanh.square())
+            parts.append(logp_tangent(logits, dz, labels[rows], lse[rows], inv_temperature))
+            if entropy.numel():
+                entropy_parts.append(entropy_tangent(logits, dz, labels[rows], lse[rows], inv_temperature,
+                                                     entropy[rows]))
+    dlogp_dt = torch.zeros_like(lse).index_add(0, counted_rows, torch.cat(parts))
+    output_tangent = dlogp * dlogp_dt
+    entropy_dt = torch.zeros_like(entropy)  # empty when off: a differentiable output needs a tangent, not None
+    if entropy.numel():
+        entropy_dt = torch.zeros_like(lse).index_add(0, counted_rows, torch.cat(entropy_parts))
+        output_tangent = output_tangent - ctx.entropy_coef * entropy_dt
+    # The other outputs are not differentiable.
+    return output_tangent.reshape(hidden.shape[:-1]), None, None, None, None, entropy_dt
+
+
+_linear_forward = autograd_function(_linear_forward_op, _linear_backward, _setup_linear, _linear_jvp)
+_linear_grads = once_differentiable_op(_linear_backward_op)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Validation and dispatch.
 # ----------------------------------------------------------------------------------------------------
 def _fused_linear(kind: LossKind, hidden, weight, bias, labels, aux, adv, mask, *, temperature, ignore_index,
-                  reduction, chunk_size, backend, logit_scale, logit_softcap, hyper=None, normalizer=None):
+                  reduction, chunk_size, backend, logit_scale, logit_softcap, hyper=None, normalizer=None,
+                  entropy_coef=0.0, return_entropy=False):
     """Validate, cast as F.linear would, dispatch, run. ``aux``/``adv`` are None when ``kind`` reads none."""
     _check_projection(hidden, weight, bias)
-    check_positive("logit_scale", logit_scale)
+    entropy_coef, return_entropy, entropy = entropy_options(entropy_coef, return_entropy)
+    logit_scale = check_number("logit_scale", logit_scale, LOGIT_SCALE)
     if logit_softcap is not None:
-        check_positive("logit_softcap", logit_softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        logit_softcap = check_number("logit_softcap", logit_softcap, LOGIT_SOFTCAP)
+    if chunk_size is not None:
+        chunk_size = check_integer("chunk_size", chunk_size, CHUNK_SIZE)
     t = token_inputs(kind, labels, aux, adv, mask, rows_shape=hidden.shape[:-1], vocab=weight.shape[0],
                      device=hidden.device, anchor="hidden", temperature=temperature, ignore_index=ignore_index,
                      reduction=reduction, normalizer=normalizer, hyper=hyper or {}, backend=backend)
@@ -354,10 +464,19 @@ def _fused_linear(kind: LossKind, hidden, weight, bias, labels, aux, adv, mask, 
     bias = None if bias is None else bias.to(dtype)
     grad_on = torch.is_grad_enabled()
     needed = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    output, *_ = _linear_forward_op(hidden, weight, bias, t.labels, t.aux, t.adv, t.denom, kind.id, 1.0 / temperature,
-                                    t.param0, t.param1, float(logit_scale), float(logit_softcap or 0.0), t.reduction,
-                                    chunk_size or 0, t.backend, *needed)
-    return output
+    # Under forward-mode AD and torch.func, per token (derivatives from saved inputs) and reduced outside the op.
+    reduction = "none" if transformed(hidden, weight, bias) else t.reduction
+    output, *_, entropy_rows = _linear_forward(hidden, weight, bias, t.labels, t.aux, t.adv, t.denom, kind.id,
+                                               t.inv_temperature, t.param0, t.param1, float(logit_scale),
+                                               float(logit_softcap or 0.0), reduction, chunk_size or 0, t.backend,
+                                               *needed, entropy_coef, entropy)
+    if reduction != t.reduction:
+        output = reduce_rows(t.reduction, output.reshape(-1), t.denom, ())
+    if not return_entropy:
+        return output
+    # Differentiable for log-probs; for the losses a detached copy, as from the logits ops.
+    entropy_rows = entropy_rows.reshape(hidden.shape[:-1])
+    return output, (entropy_rows if kind is LOGPROB else entropy_rows.detach())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,12 +492,14 @@ _COMMON_DOC = """
     ``torch.autocast``, else in the widest dtype of hidden, weight and bias. The result is float32. Gradients
     flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. ``chunk_size``: token rows projected at a
     time (default: from H, V and the free memory). ``backend``: as for `apa_fast.loss`. Under DeepSpeed ZeRO-3
-    call it (forward and backward) inside ``apa_fast.zero3.gathered(weight, bias, model=engine.module)``."""
+    call it (forward and backward) inside ``apa_fast.zero3.gathered(weight, bias, model=engine.module)``.
+    Losses: ``entropy_coef`` and ``return_entropy`` as for `apa_fast.loss` (the entropy of
+    ``softmax(z / temperature)``, z after ``logit_scale`` and ``logit_softcap``)."""
 
 
 def linear_loss(hidden, weight, labels, ref_logprobs, advantages, mask=None, *, bias=None, lam=1.0,
                 temperature=1.0, logit_scale=1.0, logit_softcap=None, ignore_index=-100, reduction="mean",
-                normalizer=None, chunk_size=None, backend="auto"):
+                normalizer=None, chunk_size=None, backend="auto", entropy_coef=0.0, return_entropy=False):
     """APA loss from hidden states: `apa_fast.loss` of the projected logits without the logits tensor.
 
     Mean over counted tokens (or the sum over ``normalizer``) of ``(logp - ref_logprobs - advantages / lam) ** 2``.
@@ -386,16 +507,41 @@ def linear_loss(hidden, weight, labels, ref_logprobs, advantages, mask=None, *, 
     return _fused_linear(APA, hidden, weight, bias, labels, ref_logprobs, advantages, mask, temperature=temperature,
                          ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
                          logit_scale=logit_scale, logit_softcap=logit_softcap, hyper={"lam": lam},
-                         normalizer=normalizer)
+                         normalizer=normalizer, entropy_coef=entropy_coef, return_entropy=return_entropy)
+
+
+def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask=None, *, bias=None, clip_eps=0.2,
+                    temperature=1.0, logit_scale=1.0, logit_softcap=None, ignore_index=-100, reduction="mean",
+                    normalizer=None, chunk_size=None, backend="auto", entropy_coef=0.0, return_entropy=False):
+    """PPO's clipped surrogate from hidden states: `apa_fast.ppo_loss` of the projected logits."""
+    return _fused_linear(PPO, hidden, weight, bias, labels, old_logprobs, advantages, mask, temperature=temperature,
+                         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
+                         logit_scale=logit_scale, logit_softcap=logit_softcap, hyper={"clip_eps": clip_eps},
+                         normalizer=normalizer, entropy_coef=entropy_coef, return_entropy=return_entropy)
+
+
+def linear_awr_loss(hidden, weight, labels, advantages, mask=None, *, bias=None, lam=1.0, max_weight=20.0,
+                    temperature=1.0, logit_scale=1.0, logit_softcap=None, ignore_index=-100, reduction="mean",
+                    normalizer=None, chunk_size=None, backend="auto", entropy_coef=0.0, return_entropy=False):
+    """AWR from hidden states: `apa_fast.awr_loss` of the projected logits."""
+    return _fused_linear(AWR, hidden, weight, bias, labels, None, advantages, mask, temperature=temperature,
+                         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
+                         logit_scale=logit_scale, logit_softcap=logit_softcap,
+                         hyper={"lam": lam, "max_weight": max_weight}, normalizer=normalizer,
+                         entropy_coef=entropy_coef, return_entropy=return_entropy)
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, logit_softcap=None,
-                    ignore_index=-100, chunk_size=None, backend="auto"):
-    """float32 ``(...)`` ``log_softmax(logits / temperature)[label]`` of the projected logits, 0 where ignored."""
+                    ignore_index=-100, chunk_size=None, backend="auto", return_entropy=False):
+    """float32 ``(...)`` ``log_softmax(logits / temperature)[label]`` of the projected logits, 0 where ignored.
+
+    ``return_entropy=True``: ``(logp, entropy)``, the float32 ``(...)`` entropy of ``softmax(z / temperature)``
+    (0 where ignored) from the same pass, differentiable too.
+    """
     return _fused_linear(LOGPROB, hidden, weight, bias, labels, None, None, None, temperature=temperature,
                          ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, backend=backend,
-                         logit_scale=logit_scale, logit_softcap=logit_softcap)
+                         logit_scale=logit_scale, logit_softcap=logit_softcap, return_entropy=return_entropy)
 
 
-for _fn in (linear_loss, linear_logprobs):
+for _fn in (linear_loss, linear_ppo_loss, linear_awr_loss, linear_logprobs):
     _fn.__doc__ += _COMMON_DOC

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 import apa_fast
+from apa_fast.kinds import HYPER_RANGES
+from apa_fast.validation import check_number, per_token_floats
 
 
 class APAPolicyLoss(nn.Module):
@@ -46,9 +48,7 @@ class APAPolicyLoss(nn.Module):
 
     def __init__(self, lam: float = 1.0, token_level_loss: bool = True):
         super().__init__()
-        if not lam > 0:
-            raise ValueError(f"lam must be > 0, got {lam!r}")
-        self.lam = float(lam)
+        self.lam = float(check_number("lam", lam, HYPER_RANGES["lam"]))  # apa_fast.loss's range, checked here
         self.token_level_loss = token_level_loss
         self._reference = None
 
@@ -73,6 +73,12 @@ class APAPolicyLoss(nn.Module):
         if ref_log_probs is None:
             raise ValueError("APAPolicyLoss needs ref_log_probs= (log pi_init of the actions), or a call inside "
                              "`with loss.reference(ref_log_probs):` as the actor hook does")
+        if not isinstance(log_probs, torch.Tensor):
+            raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
+        # Checked under OpenRLHF's names before any arithmetic (the rest by apa_loss_from_logprobs).
+        old_log_probs, ref_log_probs = (
+            per_token_floats(name, tensor, log_probs.shape, log_probs.device, "log_probs").view(log_probs.shape)
+            for name, tensor in (("old_log_probs", old_log_probs), ("ref_log_probs", ref_log_probs)))
         if action_mask is None:
             action_mask = torch.ones_like(log_probs, dtype=torch.bool)
         if self.token_level_loss:
@@ -96,7 +102,9 @@ def apa_actor_trainer(trainer_cls: type, lam: float = 1.0) -> type:
 
     Its loss keeps the token/sample aggregation OpenRLHF configured (``--actor.loss_agg_mode``); each
     ``training_step`` passes ``experience.base_action_log_probs`` to the loss and ``kl_ctl=0`` to OpenRLHF's step.
+    ``lam`` is checked here, before OpenRLHF builds the trainer.
     """
+    lam = check_number("lam", lam, HYPER_RANGES["lam"])
 
     class APAActorPPOTrainer(trainer_cls):
         def __init__(self, *args, **kwargs):
@@ -117,8 +125,13 @@ def install(lam: float | None = None) -> None:
     ``lam=None`` reads the environment variable ``APA_FAST_LAM`` (default 1.0): Ray calls a
     ``worker_process_setup_hook`` without arguments, and passes environment variables to its workers.
     """
+    if lam is None:
+        text = os.environ.get("APA_FAST_LAM", "1.0")
+        try:
+            lam = float(text)
+        except ValueError:
+            raise ValueError(f"APA_FAST_LAM must be a number, got {text!r}") from None
+    lam = check_number("lam", lam, HYPER_RANGES["lam"])  # before OpenRLHF is imported: a bad value says so first
     from openrlhf.trainer.ray import ppo_actor
 
-    if lam is None:
-        lam = float(os.environ.get("APA_FAST_LAM", "1.0"))
     ppo_actor.ActorPPOTrainer = apa_actor_trainer(ppo_actor.ActorPPOTrainer, lam)

@@ -17,9 +17,19 @@ Per token, with ``d = log_prob - ref_log_prob``, gpg plus the MSE KL loss at ``k
 APA's squared residual times ``lam / 2`` plus terms without gradient: the same update direction as APA, with
 the gradient scaled by ``lam / 2`` (Adam is insensitive to that scale; with SGD multiply the learning rate by
 ``2 / lam``). The logged ``actor/pg_loss`` and ``kl_loss`` are the two parts, not APA's loss. It holds for
-every ``loss_agg_mode``, since both terms are aggregated alike, provided nothing else enters the actor's loss:
-no entropy bonus, no KL in the reward (which would change ``A``), no rollout importance weights (gpg
+every ``loss_agg_mode``, since both terms are aggregated alike, provided nothing else enters the actor's loss
+but the entropy bonus: no KL in the reward (which would change ``A``), no rollout importance weights (gpg
 multiplies its term by them, not the KL term).
+
+The entropy bonus composes: verl's ``ppo_loss`` (``verl/workers/utils/losses.py``) subtracts
+``entropy_coeff * agg_loss(entropy)``, aggregated like the other two terms, with ``entropy`` the per-token
+entropy of ``softmax(logits / temperature)``, the distribution ``log_prob`` is read from. So the actor's loss is
+
+    (lam / 2) * [APA's loss  -  (2 * entropy_coeff / lam) * agg_loss(entropy)]  +  terms without gradient:
+
+``lam / 2`` times ``apa_fast.loss(..., lam=lam, entropy_coef=2 * entropy_coeff / lam)`` under the same
+aggregation. `hydra_overrides(lam, entropy_coef)` takes the coefficient in apa_fast's units and sets
+``entropy_coeff = entropy_coef * lam / 2``; `check_config` accepts any ``entropy_coeff`` in apa_fast's range.
 
 `hydra_overrides(lam)` gives the settings; `check_config(config, lam)` raises on a config that departs from
 them. This module imports no verl code.
@@ -27,24 +37,24 @@ them. This module imports no verl code.
 
 from __future__ import annotations
 
-import math
+from apa_fast.kinds import ENTROPY_COEF, HYPER_RANGES
+from apa_fast.validation import check_number
 
 # (dotted key in verl's PPO trainer config, accepted values, the value the overrides set), as of verl 0.9.1.
 _RECIPE = (
     ("actor_rollout_ref.actor.policy_loss.loss_mode", ("gpg",), "gpg"),
     ("actor_rollout_ref.actor.use_kl_loss", (True,), "true"),
     ("actor_rollout_ref.actor.kl_loss_type", ("mse", "k2"), "mse"),  # k2 is verl's other name for mse
-    ("actor_rollout_ref.actor.entropy_coeff", (0,), "0"),
     ("algorithm.use_kl_in_reward", (False,), "false"),
     ("algorithm.rollout_correction.rollout_is", (None,), "null"),
 )
 _KL_COEF = "actor_rollout_ref.actor.kl_loss_coef"
+_ENTROPY_COEF = "actor_rollout_ref.actor.entropy_coeff"
 
 
 def _check_lam(lam) -> float:
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
-    return float(lam)
+    """``lam`` as a float, in `apa_fast.loss`'s range (the recipe's gradient is APA's at that lam)."""
+    return float(check_number("lam", lam, HYPER_RANGES["lam"]))
 
 
 def _matches(node, value) -> bool:
@@ -54,22 +64,33 @@ def _matches(node, value) -> bool:
     return not isinstance(node, bool) and node == value
 
 
-def hydra_overrides(lam: float = 1.0) -> list[str]:
-    """The command-line overrides of verl's PPO trainer that train with APA's gradient (times lam / 2)."""
+def hydra_overrides(lam: float = 1.0, entropy_coef: float = 0.0) -> list[str]:
+    """The command-line overrides of verl's PPO trainer that train with the gradient of ``lam / 2`` times
+    ``apa_fast.loss(..., lam=lam, entropy_coef=entropy_coef)``: verl's ``entropy_coeff = entropy_coef * lam / 2``."""
     lam = _check_lam(lam)
-    return [f"{key}={value}" for key, _, value in _RECIPE] + [f"{_KL_COEF}={lam!r}"]
+    entropy_coeff = float(check_number("entropy_coef", entropy_coef, ENTROPY_COEF)) * lam / 2
+    return ([f"{key}={value}" for key, _, value in _RECIPE]
+            + [f"{_KL_COEF}={lam!r}", f"{_ENTROPY_COEF}={entropy_coeff!r}"])
 
 
 def check_config(config, lam: float = 1.0) -> None:
     """Raise ValueError naming the first key of a verl config (nested dicts or OmegaConf) off the APA recipe."""
     lam = _check_lam(lam)
     for key, accepted, _ in _RECIPE + ((_KL_COEF, (lam,), None),):
-        node = config
-        for part in key.split("."):
-            try:
-                node = node[part]
-            except (KeyError, TypeError) as exc:
-                raise ValueError(f"verl config has no {key}; the APA recipe needs it in {accepted}") from exc
+        node = _lookup(config, key, f"in {accepted}")
         if not any(_matches(node, value) for value in accepted):
             raise ValueError(f"verl config {key}={node!r}; the APA recipe needs one of {accepted}"
                              + (f" (kl_loss_coef = lam = {lam})" if key == _KL_COEF else ""))
+    # Any entropy bonus composes with the recipe: apa_fast's entropy_coef = 2 * entropy_coeff / lam.
+    check_number(_ENTROPY_COEF, _lookup(config, _ENTROPY_COEF, "as a number"), ENTROPY_COEF)
+
+
+def _lookup(config, key: str, needed: str):
+    """``config[a][b]...`` for the dotted ``key``; a ValueError saying what the recipe needs when it is missing."""
+    node = config
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"verl config has no {key}; the APA recipe needs it {needed}") from exc
+    return node
