@@ -8,13 +8,15 @@ sum is taken by doubling.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ._dispatch import pick_gae_backend
+from .validation import Range, check_mask_dtype, check_mask_values, check_number
 
 __all__ = ["gae"]
+
+# gamma and lam: every weight of the recurrence is then a power of gamma * lam in [0, 1], finite at any length.
+COEFFICIENT = Range(0.0, 1.0, "the recurrence weights each later step by powers of gamma * lam, which must not grow")
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: float = 1.0,
@@ -24,9 +26,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     Args:
         rewards, values: ``(B, T)`` float tensors (float32 or float64; bfloat16 and float16 are computed in
             float32), on the same device.
-        mask: optional ``(B, T)`` tensor, bool or 0/1 (nonzero = valid): the response tokens. Without it every
-            position is valid.
-        gamma, lam: the discount and GAE's lambda, each in [0, 1].
+        mask: optional ``(B, T)`` tensor, bool or integer/float holding only 0 and 1 (1 = valid): the response
+            tokens. Without it every position is valid. A non-bool mask is value-checked with one host sync.
+        gamma, lam: the discount and GAE's lambda, each a real number in [0, 1] (Python or NumPy; not a bool).
         whiten: whiten the advantages over all valid positions of the batch, ``(A - mean) / (std + 1e-8)``
             with the unbiased std (0 with fewer than two valid positions); returns keep the raw advantages.
         backend: "cuda" (the CUDA kernel, CUDA tensors), "cpu" (the C++ kernel, CPU tensors), "torch" (pure
@@ -49,11 +51,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     RuntimeError. A bad tensor or coefficient fails the trace instead, with the eager message inside Dynamo's.
 
     Raises:
-        ValueError: a tensor is not 2-D, the shapes or devices differ, gamma or lam is outside [0, 1], or the
-            backend is unknown. TypeError: rewards or values are not floating point. RuntimeError: the backend
-            asked for cannot run here (the message says why).
+        ValueError: a tensor is not 2-D, the shapes or devices differ, gamma or lam is not a number in [0, 1], a
+            mask value is not 0/1 (NaN included; raised when the op runs, as the loss ops raise it), or the
+            backend is unknown. TypeError: rewards or values are not floating point, or the mask is complex.
+            RuntimeError: the backend asked for cannot run here (the message says why).
     """
-    _check_inputs(rewards, values, mask, gamma, lam)
+    gamma, lam = _check_inputs(rewards, values, mask, gamma, lam)
     arguments = (rewards.detach(), values.detach(), None if mask is None else mask.detach(), float(gamma),
                  float(lam), bool(whiten), backend)
     # Eager calls skip the op's dispatcher round trip, and the Dynamo import its first call makes (~0.8 s).
@@ -62,7 +65,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
 
 def _gae_dispatch(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, gamma: float, lam: float,
                   whiten: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything after validation: pick the backend (loading or building the extension), run it."""
+    """Everything after the host-side checks: the mask's values (one sync, inside the op under torch.compile, as
+    `apa_fast::token_labels` checks the loss ops' masks), the backend picked (the extension loaded or built), run."""
+    if mask is not None:
+        check_mask_values(mask)
     chosen = pick_gae_backend(backend, rewards.device)
     input_dtype = torch.promote_types(rewards.dtype, values.dtype)  # the kernels read 16-bit inputs as they are
     rewards, values = rewards.to(input_dtype), values.to(input_dtype)
@@ -97,7 +103,8 @@ def _empty_outputs(rewards: torch.Tensor, input_dtype: torch.dtype) -> tuple[tor
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
-def _check_inputs(rewards, values, mask, gamma, lam) -> None:
+def _check_inputs(rewards, values, mask, gamma, lam) -> tuple[float, float]:
+    """The host-side checks (no sync); returns gamma and lam as Python numbers."""
     tensors = {"rewards": rewards, "values": values, **({} if mask is None else {"mask": mask})}
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
@@ -113,9 +120,9 @@ def _check_inputs(rewards, values, mask, gamma, lam) -> None:
     for name in ("rewards", "values"):
         if not tensors[name].is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {tensors[name].dtype}")
-    for name, number in (("gamma", gamma), ("lam", lam)):
-        if not isinstance(number, numbers.Real) or not 0.0 <= number <= 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1], got {number!r}")
+    if mask is not None:
+        check_mask_dtype(mask)
+    return check_number("gamma", gamma, COEFFICIENT), check_number("lam", lam, COEFFICIENT)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

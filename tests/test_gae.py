@@ -5,6 +5,7 @@ tests that) and is skipped, with the reason, when there is none; the `cuda` test
 (`pytest -m cuda tests/`).
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close_rel
@@ -14,7 +15,7 @@ from oracles import gae_oracle as oracle
 from oracles import gae_returns_scale
 from oracles import gae_tolerance as tolerance
 
-from apa_fast import _dispatch
+from apa_fast import _dispatch, apa_loss_from_logprobs
 from apa_fast.gae import gae
 from apa_fast.reference import gae_loop
 
@@ -237,10 +238,63 @@ def test_bad_tensors_raise(backend, what, change, error, message):
 
 
 @pytest.mark.parametrize("name", ["gamma", "lam"])
-@pytest.mark.parametrize("number", [-0.1, 1.5, float("nan"), torch.tensor(0.5)])
-def test_coefficients_outside_unit_interval_raise(backend, name, number):
-    with pytest.raises(ValueError, match=f"{name} must be a number in"):
+@pytest.mark.parametrize("number, message", [
+    *[(number, r"in \[0, 1\], got") for number in (-0.1, 1.5, float("nan"), float("inf"), 1 + 1e-12)],
+    # bools are a bug, not 1 or 0 (issue 19: gamma=True was taken as 1.0), as the loss ops refuse them
+    *[(number, r"a real number \(an int or float, not a bool\), got")
+      for number in (True, False, np.bool_(True), torch.tensor(0.5), "0.9", None)]])
+def test_coefficients_outside_unit_interval_raise(backend, name, number, message):
+    with pytest.raises(ValueError, match=f"^{name} must be {message}"):
         gae(**_good(), **{name: number}, backend=backend)
+
+
+@pytest.mark.parametrize("gamma, lam", [(np.float32(0.9), np.float64(0.8)), (np.int64(1), 0), (1, np.float16(0.5))])
+def test_numpy_and_integer_coefficients_are_the_python_numbers(backend, gamma, lam):
+    rewards, values = make_inputs(3, 41)
+    got = gae(rewards, values, gamma=gamma, lam=lam, backend=backend)
+    want = gae(rewards, values, gamma=float(gamma), lam=float(lam), backend=backend)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+BAD_MASK_VALUES = [(torch.float32, 0.5), (torch.float32, 2.0), (torch.float32, float("nan")),
+                   (torch.float64, float("inf")), (torch.float16, -1.0), (torch.bfloat16, 0.25), (torch.int64, 2),
+                   (torch.int8, -1), (torch.uint8, 255)]
+
+
+@pytest.mark.parametrize("dtype, bad", BAD_MASK_VALUES, ids=[f"{d}-{v}" for d, v in BAD_MASK_VALUES])
+def test_mask_values_other_than_zero_one_raise_as_in_the_loss_ops(backend, dtype, bad):
+    """gae accepted 0.5, 2 and NaN (issue 19); now the loss ops' error, even at a position another mask value
+    would hide."""
+    rewards, values = make_inputs(3, 17)
+    mask = make_mask("holes", 3, 17).to(dtype)
+    mask[2, 16] = bad
+    with pytest.raises(ValueError, match=r"^mask must hold only 0/1 \(or bool\) values; found ") as raised:
+        gae(rewards, values, mask, backend=backend)
+    with pytest.raises(ValueError) as from_loss:
+        apa_loss_from_logprobs(rewards, values, values, mask)
+    assert str(raised.value) == str(from_loss.value)
+
+
+def test_zero_one_masks_of_every_dtype_match_the_bool_mask(backend):
+    rewards, values = make_inputs(4, 23)
+    mask = make_mask("holes", 4, 23)
+    want = gae(rewards, values, mask, gamma=0.97, lam=0.9, backend=backend)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8):
+        got = gae(rewards, values, mask.to(dtype), gamma=0.97, lam=0.9, backend=backend)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), dtype
+    with pytest.raises(TypeError, match="mask must be a bool, integer or float tensor of 0/1 values, got torch.compl"):
+        gae(rewards, values, mask.to(torch.complex64), backend=backend)
+
+
+def test_bad_mask_raises_under_compile():
+    """The value check runs inside apa_fast::gae_dispatch: a compiled graph raises the eager error, no graph break."""
+    rewards, values = make_inputs(2, 9)
+    mask = torch.ones(2, 9)
+    compiled = torch.compile(lambda r, v, m: gae(r, v, m, backend="torch"), fullgraph=True)
+    compiled(rewards, values, mask)
+    mask[0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"mask must hold only 0/1 \(or bool\) values; found nan"):
+        compiled(rewards, values, mask)
 
 
 def test_unknown_backend_raises():
