@@ -361,7 +361,7 @@ def _setup_linear(ctx, inputs, output):
     # Only the loss (and, per token, the entropy) is differentiated: no (V, H) zeros materialised for the gradient
     # outputs in the backward.
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(stats, *grads, *([entropy] if reduction != "none" or not entropy.numel() else []))
+    ctx.mark_non_differentiable(stats, *grads, *([entropy] if reduction != "none" else []))
     ctx.needed, ctx.reduction = (need_hidden, need_weight, need_bias), reduction
     ctx.config = (inv_temperature, logit_scale, logit_softcap, chunk_size, backend)
     ctx.entropy_coef = entropy_inputs[0] if entropy_inputs else 0.0

@@ -42,6 +42,22 @@ def test_opcheck_logits_ops(backend):
     torch.library.opcheck(logprob._loss_and_grad_op, (x, labels32, aux, adv, denom, 1, 0.8, 2.0, 0.0, "mean", backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_logits_ops_with_entropy(backend):
+    logits, labels32, aux, adv = _rows()
+    x = logits.clone().requires_grad_()
+    torch.library.opcheck(logprob._forward_op, (x, labels32, aux, adv, 2, 0.8, 0.2, 0.0, backend, False, True))
+    stats = logprob._forward_op(logits, labels32, aux, adv, 2, 0.8, 0.2, 0.0, backend, False, True)
+    assert stats.shape == (5, labels32.numel())
+    row_grad, entropy_grad = torch.randn(labels32.shape), torch.randn(labels32.shape)
+    entropy_args = (stats[1], row_grad, 0.8, backend, stats[4], entropy_grad)
+    torch.library.opcheck(logprob._backward_op, (logits, labels32, *entropy_args))
+    torch.library.opcheck(logprob._backward_inplace_op, (logits.clone(), labels32, *entropy_args))
+    for reduction in ("mean", "sum"):
+        torch.library.opcheck(logprob._loss_and_grad_op, (x, labels32, aux, adv, torch.tensor(4.0), 1, 0.8, 2.0, 0.0,
+                                                          reduction, backend, 0.05, True))
+
+
 def test_opcheck_validation_and_linear_ops():
     _, labels, _, _, mask, _ = make_inputs((2, 3), 37)
     for mask_arg in (None, mask, mask.float()):
@@ -56,6 +72,14 @@ def test_opcheck_validation_and_linear_ops():
     lse, row_grad = torch.randn(6), torch.randn(6)
     torch.library.opcheck(linear._linear_backward_op, (hidden.detach(), weight.detach(), None, labels32, lse, row_grad,
                                                        1.0, 1.0, 0.0, 4, "torch", True, True, False))
+    # With the entropy: the entropy output, and its gradient term in the backward.
+    for reduction in ("sum", "none"):
+        args = (hidden, weight, bias, labels32, aux, adv, None, 2, 1.0, 0.2, 0.0, 1.5, 4.0, reduction, 4, "torch", True,
+                True, True, 0.05, True)
+        torch.library.opcheck(linear._linear_forward_op, args)
+    torch.library.opcheck(linear._linear_backward_op, (hidden.detach(), weight.detach(), None, labels32, lse, row_grad,
+                                                       1.0, 1.0, 0.0, 4, "torch", True, True, False, torch.rand(6),
+                                                       torch.randn(6)))
     # Its backward raises by design: everything but the AOT-dispatch backward.
     torch.library.opcheck(logprob._once_op, (torch.randn(3, 4), torch.zeros((), requires_grad=True)),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -72,6 +96,19 @@ def _logits_ops():
     yield "awr_loss", lambda x, d: apa_fast.awr_loss(x, d["labels"], d["adv"], d["mask"], reduction="sum",
                                                      ignore_index=IGNORE)
     yield "logprobs", lambda x, d: (apa_fast.logprobs(x, d["labels"], ignore_index=IGNORE) * d["weights"]).sum()
+    # Entropy: the bonus in the loss, the logged entropy beside it; log-probs and entropy both differentiated.
+    yield "ppo_loss+entropy", lambda x, d: _plus_entropy(apa_fast.ppo_loss(
+        x, d["labels"], d["aux"], d["adv"], d["mask"], ignore_index=IGNORE, entropy_coef=0.1, return_entropy=True))
+    yield "logprobs+entropy", lambda x, d: _plus_entropy(apa_fast.logprobs(
+        x, d["labels"], temperature=0.8, ignore_index=IGNORE, return_entropy=True), d["weights"])
+
+
+def _plus_entropy(outputs, weights=None):
+    """One scalar from (loss or logp, entropy): for the losses the entropy is detached (its sum only checks its
+    value); for log-probs both are differentiated."""
+    value, entropy = outputs
+    value = value if weights is None else (value * weights).sum()
+    return value + (entropy * torch.linspace(0.5, 1.5, entropy.numel()).view(entropy.shape)).sum()
 
 
 @pytest.mark.parametrize("design", ["0", "1"], ids=["two-kernel", "training-mode"])
@@ -91,7 +128,7 @@ def test_logits_ops_compile_without_graph_breaks(name, op, design, monkeypatch):
     assert_close_rel(got_grad, want_grad, 1e-6, f"{name} grad")
 
 
-@pytest.mark.parametrize("kind", ["loss", "logprobs"])
+@pytest.mark.parametrize("kind", ["loss", "logprobs", "ppo_loss+entropy", "awr_loss+entropy", "logprobs+entropy"])
 def test_linear_ops_compile_without_graph_breaks(kind):
     hidden, weight, bias = torch.randn(2, 5, 8), torch.randn(61, 8) / 3, torch.randn(61)
     _, labels, aux, adv, mask, weights = make_inputs((2, 5), 61)
@@ -99,6 +136,16 @@ def test_linear_ops_compile_without_graph_breaks(kind):
     def step(h, w):
         if kind == "loss":
             return apa_fast.linear_loss(h, w, labels, aux, adv, mask, bias=bias, logit_softcap=5.0, ignore_index=IGNORE)
+        if kind == "ppo_loss+entropy":
+            return _plus_entropy(apa_fast.linear_ppo_loss(h, w, labels, aux, adv, mask, bias=bias, ignore_index=IGNORE,
+                                                          entropy_coef=0.1, return_entropy=True))
+        if kind == "awr_loss+entropy":  # per token: the gradient in the backward, through the entropy term too
+            return _plus_entropy(apa_fast.linear_awr_loss(h, w, labels, adv, mask, bias=bias, ignore_index=IGNORE,
+                                                          reduction="none", entropy_coef=0.1, return_entropy=True),
+                                 weights)
+        if kind == "logprobs+entropy":
+            return _plus_entropy(apa_fast.linear_logprobs(h, w, labels, bias=bias, logit_scale=2.0,
+                                                          ignore_index=IGNORE, return_entropy=True), weights)
         return (apa_fast.linear_logprobs(h, w, labels, bias=bias, ignore_index=IGNORE) * weights).sum()
 
     results = []

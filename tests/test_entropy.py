@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close_rel, rel_err
-from oracles import entropy64
+from oracles import IGNORE, entropy64, make_inputs, make_token_data, oracle
 
+import apa_fast
 from apa_fast import _dispatch, torch_backend
 from apa_fast.kinds import APA, KINDS, LOGPROB
 
@@ -212,3 +213,197 @@ def test_strided_layouts_and_in_place(impl):
     dlogp = impl.forward(pristine, labels, aux, adv, loss_kind=APA.id, inv_temperature=0.7, **_params(APA))[3]
     _, _, want = _reference(pristine, labels, 0.7, 0.25 * dlogp, torch.where(labels >= 0, -0.5 * 0.25, 0.0))
     assert_close_rel(x.reshape(4, -1), want, GRAD_TOL[torch.float32], "in-place dlogits")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public ops: apa_fast.loss / ppo_loss / awr_loss (entropy_coef, return_entropy) and logprobs(return_entropy).
+# ----------------------------------------------------------------------------------------------------
+BACKENDS = [pytest.param("triton", marks=needs_interpreter), "torch"]
+LOSSES = {"apa": (apa_fast.loss, {"lam": 0.5}), "ppo": (apa_fast.ppo_loss, {"clip_eps": 0.2}),
+          "awr": (apa_fast.awr_loss, {"lam": 0.5, "max_weight": 5.0})}
+# Relative L2 against float64: values computed in float32 (every dtype); gradients stored in the logits' dtype.
+OP_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1.6e-2), torch.float16: (2e-5, 2e-3)}
+
+
+@pytest.fixture(params=["0", "1"], ids=["two-kernel", "training-mode"])
+def design(request, monkeypatch):
+    monkeypatch.setenv("APA_FAST_FUSED_GRAD", request.param)
+    return request.param
+
+
+def _run_loss(kind, backend, logits, labels, aux, adv, mask, *, entropy_coef, reduction="mean", weights=None,
+              **kwargs):
+    fn, hyper = LOSSES[kind]
+    x = logits.detach().clone().requires_grad_()
+    data = (aux, adv) if kind != "awr" else (adv,)
+    value, entropy = fn(x, labels, *data, mask, **hyper, ignore_index=IGNORE, reduction=reduction, backend=backend,
+                        entropy_coef=entropy_coef, return_entropy=True, **kwargs)
+    assert not entropy.requires_grad and entropy.dtype == torch.float32 and entropy.shape == labels.shape
+    (value if value.dim() == 0 else (value * weights).sum()).backward()
+    return value.detach(), entropy, x.grad
+
+
+def _check_loss(kind, backend, inputs, *, entropy_coef=0.3, reduction="mean", what="", **kwargs):
+    logits, labels, aux, adv, mask, weights = inputs
+    hyper = LOSSES[kind][1]
+    got_value, got_entropy, got_grad = _run_loss(kind, backend, logits, labels, aux, adv, mask,
+                                                 entropy_coef=entropy_coef, reduction=reduction, weights=weights,
+                                                 **kwargs)
+    want_value, want_entropy, want_grad = oracle(kind, logits, labels, aux, adv, mask, **hyper, reduction=reduction,
+                                                 weights=weights, entropy_coef=entropy_coef, with_entropy=True,
+                                                 **kwargs)
+    value_tol, grad_tol = OP_TOL[logits.dtype]
+    # A reduced value sums terms that may cancel: relative to the same reduction of |terms| (1 here: O(1) terms).
+    assert_close_rel(got_value, want_value, value_tol, f"{what} value", scale=1.0 if want_value.dim() == 0 else 0.0)
+    assert_close_rel(got_entropy, want_entropy, value_tol, f"{what} entropy")
+    assert_close_rel(got_grad, want_grad, grad_tol + 2 * rel_err(want_grad.to(logits.dtype), want_grad),
+                     f"{what} grad")
+    return got_value, got_entropy, got_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_losses_with_entropy_bonus(backend, kind, reduction, design):
+    """loss - entropy_coef * entropy under every reduction, T = 0.7, V = 211 (no block multiple), with a mask."""
+    inputs = make_inputs((3, 5), 211)
+    _check_loss(kind, backend, inputs, reduction=reduction, temperature=0.7, what=f"{kind}/{reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_logits(backend, dtype, design):
+    _check_loss("apa", backend, make_inputs((2, 4), 300, dtype=dtype), entropy_coef=-0.5, what=str(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalizer_one_token_and_empty_mask(backend, design):
+    inputs = make_inputs((2, 3), 97)
+    _check_loss("ppo", backend, inputs, normalizer=7.0, what="normalizer")
+    _check_loss("apa", backend, make_inputs((1,), 97, ignore_frac=0.0, mask_frac=0.0), what="one token")
+    logits, labels, aux, adv, mask, weights = inputs
+    value, entropy, grad = _check_loss("awr", backend, (logits, labels, aux, adv, torch.zeros_like(mask), weights),
+                                       what="empty mask")
+    assert value == 0.0 and torch.equal(entropy, torch.zeros_like(entropy))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_and_strided_logits(backend, design):
+    """-inf columns (a masked vocabulary) in ``logits[:, :-1]`` of a contiguous buffer (read in place)."""
+    full = torch.randn(2, 5, 130) * 2
+    full[..., 100:] = float("-inf")
+    full[0, 1, ::3] = float("-inf")
+    logits = full[:, :-1]
+    _, labels, aux, adv, mask, weights = make_inputs((2, 4), 99)
+    labels[0, 1] = 3 * (labels[0, 1] // 3) + 1 if labels[0, 1] >= 0 else labels[0, 1]  # a finite label logit
+    _check_loss("apa", backend, (logits, labels, aux, adv, mask, weights), what="-inf, strided")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_return_a_differentiable_entropy(backend, design):
+    logits, labels, aux, adv, _, weights = make_inputs((3, 4), 150)
+    logits[0, 0, :40] = float("-inf")
+    labels[0, 0] = 77
+    entropy_weights = torch.randn(3, 4)
+    x = logits.clone().requires_grad_()
+    logp, entropy = apa_fast.logprobs(x, labels, temperature=1.3, ignore_index=IGNORE, backend=backend,
+                                      return_entropy=True)
+    ((logp * weights).sum() + (entropy * entropy_weights).sum()).backward()
+    want_logp, want_entropy, want_grad = oracle("logprobs", logits, labels, aux, adv, None, temperature=1.3,
+                                                weights=weights, entropy_weights=entropy_weights, with_entropy=True)
+    assert_close_rel(logp, want_logp, 2e-5, "logp")
+    assert_close_rel(entropy, want_entropy, 2e-5, "entropy")
+    assert_close_rel(x.grad, want_grad, 2e-5, "grad of logp and entropy")
+    assert torch.equal(entropy[labels == IGNORE], torch.zeros_like(entropy[labels == IGNORE]))
+
+
+def test_entropy_off_by_default_and_the_same_loss(design):
+    """Without entropy the kernels run without it (entropy=False reaches the implementation); entropy_coef=0 with
+    return_entropy gives the same loss as without."""
+    logits, labels, aux, adv, mask, _ = make_inputs((2, 3), 50)
+    calls = []
+    original = torch_backend.forward, torch_backend.forward_grad
+
+    def spy(fn):
+        return lambda *args, **kwargs: calls.append(kwargs.get("entropy", False)) or fn(*args, **kwargs)
+
+    x = logits.clone().requires_grad_()
+    try:
+        torch_backend.forward, torch_backend.forward_grad = spy(original[0]), spy(original[1])
+        plain = apa_fast.loss(x, labels, aux, adv, mask, ignore_index=IGNORE, backend="torch")
+        assert calls == [False]
+        with_entropy, _ = apa_fast.loss(x, labels, aux, adv, mask, ignore_index=IGNORE, backend="torch",
+                                        return_entropy=True)
+        assert calls == [False, True]
+    finally:
+        torch_backend.forward, torch_backend.forward_grad = original
+    assert torch.equal(plain, with_entropy)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(entropy_coef=True), ValueError, "entropy_coef must be a real number"),
+    (dict(entropy_coef=float("nan")), ValueError, r"entropy_coef must be in \[-1e\+06, 1e\+06\]"),
+    (dict(entropy_coef=2e6), ValueError, "entropy_coef must be in"),
+    (dict(return_entropy=1), TypeError, "return_entropy must be a bool"),
+])
+def test_bad_entropy_arguments_raise(change, error, match):
+    logits, labels, aux, adv, mask, _ = make_inputs((2, 3), 11)
+    with pytest.raises(error, match=match):
+        apa_fast.ppo_loss(logits, labels, aux, adv, mask, ignore_index=IGNORE, **change)
+    if "return_entropy" in change:
+        with pytest.raises(error, match=match):
+            apa_fast.logprobs(logits, labels, ignore_index=IGNORE, **change)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The linear ops: linear_loss / linear_ppo_loss / linear_awr_loss (entropy_coef) and linear_logprobs.
+# ----------------------------------------------------------------------------------------------------
+LINEAR_LOSSES = {"apa": (apa_fast.linear_loss, {"lam": 0.5}), "ppo": (apa_fast.linear_ppo_loss, {"clip_eps": 0.2}),
+                 "awr": (apa_fast.linear_awr_loss, {"lam": 0.5, "max_weight": 5.0})}
+
+
+def _projected64(hidden, weight, bias, *, logit_scale, logit_softcap):
+    """float64 logits as the model computes them, differentiable in hidden, weight and bias."""
+    h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    z = logit_scale * (h @ w.T + b)
+    return (logit_softcap * torch.tanh(z / logit_softcap) if logit_softcap else z), (h, w, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", [*LINEAR_LOSSES, "logprobs"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_ops_with_entropy(backend, kind, reduction):
+    """The float64 chain rule through scale, soft cap and temperature; chunks of 4 rows (several per call); the
+    scalar reductions precompute the gradients in the forward, "none" recomputes them in the backward."""
+    if kind == "logprobs" and reduction == "mean":
+        pytest.skip("log-probs are per token")
+    labels, aux, adv, mask, weights = make_token_data((3, 5), 61)
+    hidden, weight, bias = torch.randn(3, 5, 8), torch.randn(61, 8) / 2, torch.randn(61)
+    z, leaves = _projected64(hidden, weight, bias, logit_scale=1.5, logit_softcap=4.0)
+    entropy_weights = torch.randn(3, 5)
+    common = dict(temperature=0.7, weights=weights, with_entropy=True)
+    if kind == "logprobs":
+        want_value, want_entropy, dz = oracle(kind, z.detach(), labels, aux, adv, None, entropy_weights=entropy_weights,
+                                              **common)
+    else:
+        want_value, want_entropy, dz = oracle(kind, z.detach(), labels, aux, adv, mask, **LINEAR_LOSSES[kind][1],
+                                              reduction=reduction, entropy_coef=0.3, **common)
+    z.backward(dz)
+    x = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    options = dict(bias=x[2], temperature=0.7, logit_scale=1.5, logit_softcap=4.0, ignore_index=IGNORE,
+                   backend=backend, chunk_size=4, return_entropy=True)
+    if kind == "logprobs":
+        value, entropy = apa_fast.linear_logprobs(x[0], x[1], labels, **options)
+        ((value * weights).sum() + (entropy * entropy_weights).sum()).backward()
+    else:
+        fn, hyper = LINEAR_LOSSES[kind]
+        data = (adv,) if kind == "awr" else (aux, adv)
+        value, entropy = fn(x[0], x[1], labels, *data, mask, **hyper, **options, reduction=reduction,
+                            entropy_coef=0.3)
+        assert not entropy.requires_grad
+        (value if value.dim() == 0 else (value * weights).sum()).backward()
+    assert_close_rel(value, want_value, 2e-5, f"linear {kind} value", scale=1.0 if value.dim() == 0 else 0.0)
+    assert_close_rel(entropy, want_entropy, 2e-5, f"linear {kind} entropy")
+    for name, got, leaf in zip(("hidden", "weight", "bias"), x, leaves, strict=True):
+        assert_close_rel(got.grad, leaf.grad, 2e-5, f"linear {kind} {name} grad")
