@@ -22,20 +22,26 @@ accumulation and data-parallel ranks add up to the token mean over the global ba
   ``beta != 0`` TRL's own reference log-probs are used.
 - ``apa_mode="logits"``: the model's forward returns the completion logits, `apa_fast.logprobs` reads them in
   place. ``"linear"``: the forward returns the final hidden states and `apa_fast.linear_logprobs` projects them
-  through the lm_head in chunks, so the ``(B, C, V)`` logits never exist. The model's logit scaling and soft-capping
-  (Cohere ``logit_scale``, Granite ``logits_scaling``, Gemma-2 ``final_logit_softcapping``) is applied.
+  through the lm_head in chunks, so the ``(B, C, V)`` logits never exist. The logit multipliers and soft-capping
+  are those TRL's fused head applies (`logit_transform`). Either way the same fused pass returns the per-token
+  entropy at TRL's temperature.
+- TRL's options beside the per-token loss keep TRL's meaning: the entropy bonus (``entropy_coef``, static or
+  ``use_adaptive_entropy``: ``loss - coef * mean entropy``), the entropy filter (``top_entropy_quantile``) and the
+  off-policy sequence mask (``off_policy_mask_threshold``) select APA's counted tokens as they select GRPO's, and
+  a MoE model's router aux loss is added on top, as TRL adds it.
 - Guard: during the first optimizer step the policy still is pi_init, so ``logp - ref_logp`` must be ~0;
   a larger mean (logits misaligned with the labels, another temperature, another head scaling) raises.
 - Metrics: ``apa/logp_minus_ref`` and ``apa/residual`` (token means of ``logp - ref_logp`` and of
-  ``logp - ref_logp - A / apa_lam``).
+  ``logp - ref_logp - A / apa_lam``), and TRL's ``entropy`` (``policy_loss``, ``entropy_coef`` with the entropy
+  bonus; ``aux_loss`` for MoE models).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
-import math
 
 import torch
 from torch import nn
@@ -45,12 +51,14 @@ try:
     from trl import GRPOTrainer
     from trl.models import prepare_deepspeed
     from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
+    from trl.trainer.utils import add_fused_lm_head, use_adapter
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "apa_fast.integrations.trl needs TRL (tested with trl 1.16): pip install 'apa_fast[trl]'") from exc
 
 import apa_fast
+from apa_fast.kinds import HYPER_RANGES
+from apa_fast.validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +70,8 @@ MODES = ("logits", "linear")
 # instead of 0.7 gave 0.44, and an off-by-one between logits and labels moves a trained model by nats.
 FIRST_STEP_TOLERANCE = 0.1
 
-# GRPO options that act on TRL's per-token policy loss, which this trainer replaces.
+# GRPO options that would change what APA's per-token loss means (docs/integrations.md says why).
 _UNSUPPORTED = {
-    "top_entropy_quantile < 1": lambda t: t.top_entropy_quantile < 1.0,
-    "entropy_coef / use_adaptive_entropy": lambda t: t._entropy_bonus_enabled,
-    "off_policy_mask_threshold": lambda t: t.off_policy_mask_threshold is not None,
-    "a MoE router aux loss (router_aux_loss_coef != 0)": lambda t: t.aux_loss_enabled,
     "vllm_importance_sampling_correction": lambda t: t.use_vllm and t.vllm_importance_sampling_correction,
 }
 # Inputs of vision-language models, whose forward this trainer does not build.
@@ -78,23 +82,23 @@ class APAGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` trained with APA's loss (see the module docstring).
 
     Extra keyword arguments:
-        apa_lam: APA's ``lam`` (> 0): the residual is ``logp - ref_logp - A / apa_lam``.
+        apa_lam: APA's ``lam``, in `apa_fast.loss`'s range [1e-6, 1e6]: the residual is
+            ``logp - ref_logp - A / apa_lam``.
         apa_mode: ``"logits"`` (the model returns the completion logits) or ``"linear"`` (hidden states
             through `apa_fast.linear_logprobs`; the logits are never materialised).
     """
 
     def __init__(self, *args, apa_lam: float = 1.0, apa_mode: str = "logits", **kwargs):
-        if not (isinstance(apa_lam, (int, float)) and math.isfinite(apa_lam) and apa_lam > 0):
-            raise ValueError(f"apa_lam must be a finite number > 0, got {apa_lam!r}")
-        if apa_mode not in MODES:
-            raise ValueError(f"apa_mode must be one of {MODES}, got {apa_mode!r}")
+        # Checked before TRL builds anything, as the ops would check them at the first step.
+        apa_lam = check_number("apa_lam", apa_lam, HYPER_RANGES["lam"])
+        check_choice("apa_mode", apa_mode, MODES)
         super().__init__(*args, **kwargs)
         self.apa_lam = float(apa_lam)
         self.apa_mode = apa_mode
         unsupported = [name for name, is_set in _UNSUPPORTED.items() if is_set(self)]
         if unsupported:
-            raise ValueError(f"APAGRPOTrainer replaces GRPO's per-token loss; these options act on it and are not "
-                             f"supported: {', '.join(unsupported)}")
+            raise ValueError(f"APAGRPOTrainer: these options would change what APA's per-token loss means and are "
+                             f"not supported (docs/integrations.md says why): {', '.join(unsupported)}")
         if apa_mode == "linear" and self._apa_sharded():
             raise ValueError("apa_mode='linear' reads the lm_head weight outside its module, which DeepSpeed ZeRO-3 "
                              "and FSDP shard; use apa_mode='logits'")
@@ -126,8 +130,15 @@ class APAGRPOTrainer(GRPOTrainer):
             raise ValueError("APAGRPOTrainer with beta == 0 copies the policy as its reference, which cannot be done "
                              "on FSDP or ZeRO-3 shards: set beta to any non-zero value (TRL then loads the reference "
                              "from the model's path; APA does not use beta as a coefficient) or train a PEFT adapter")
-        # deepcopy rebinds the forward TRL patched onto the policy (its fused log-prob head) to the copy.
         reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # TRL's patches of the policy close over the policy: its fused-head forward calls the policy's original
+        # forward, and the float32 lm_head forward of cast_lm_head_to_fp32 projects with the policy's weight. A deep
+        # copy keeps those closures, so both are put back on the copy's own modules.
+        reference.__dict__.pop("forward", None)
+        if self.args.cast_lm_head_to_fp32:
+            head = reference.get_output_embeddings()
+            head.forward = functools.partial(_float32_linear, head)
+        add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(reference, self.accelerator)
         return self.accelerator.prepare_model(reference, evaluation_mode=True)
@@ -159,48 +170,116 @@ class APAGRPOTrainer(GRPOTrainer):
     # ---- the loss -----------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
+        """APA's loss of one micro-batch, with TRL's masks, entropy bonus and router aux loss around it.
+
+        Follows ``GRPOTrainer._compute_loss`` (TRL 1.16) step for step, with APA's squared residual as the
+        per-token loss: the off-policy and entropy masks zero tokens of the sum without changing its normaliser,
+        the entropy bonus is ``coef`` times the token-mean entropy of the micro-batch (over the entropy mask) per
+        accumulation step, and the aux loss is added per accumulation step.
+        """
         _check_text_only(inputs)
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         labels = inputs["completion_ids"].masked_fill(mask == 0, -100)
-        logp = self._apa_policy_logprobs(model, inputs, labels)
+        logp, entropy, aux_loss = self._apa_policy_forward(model, inputs, labels)
+        mode = "train" if self.model.training else "eval"
+        ref_logp, advantages = inputs["ref_per_token_logps"], inputs["advantages"]
+
+        counted = mask
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropy.detach(), mask, 1 - self.top_entropy_quantile)
+            counted = counted * entropy_mask
+        if self.off_policy_mask_threshold is not None:
+            # TRL's sequence mask: drops a negative-advantage completion whose mean log-ratio to the sampler's
+            # log-probs (vLLM's when present, else the old policy's, else this policy's: no drift) is over the
+            # threshold.
+            old_logp = inputs.get("old_per_token_logps")
+            old_logp = logp.detach() if old_logp is None else old_logp
+            counted = counted * self.get_off_policy_mask(
+                advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages, per_token_logps=logp,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_logp), mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold)
 
         # TRL's token-level normaliser: num_items_in_batch counts the completion tokens of the generation batch
         # over all ranks, which spans steps_per_generation micro-batches per rank.
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if self.model.training:
+        if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        ref_logp, advantages = inputs["ref_per_token_logps"], inputs["advantages"]
-        loss = apa_fast.apa_loss_from_logprobs(logp, ref_logp, advantages, mask, lam=self.apa_lam,
+        loss = apa_fast.apa_loss_from_logprobs(logp, ref_logp, advantages, counted, lam=self.apa_lam,
                                                normalizer=normalizer)
-        self._apa_log_and_check(logp.detach(), ref_logp, advantages, mask)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self._entropy_bonus_enabled:
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(loss.detach()).nanmean().item())
+            bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+            loss = loss - self._apa_entropy_coef(entropy.detach(), bonus_mask, mode) * (
+                (entropy * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0) / accumulation)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._apa_log_and_check(logp.detach(), entropy.detach(), ref_logp, advantages, mask)
         return loss
 
-    def _apa_policy_logprobs(self, model, inputs, labels) -> torch.Tensor:
-        """(B, C) float32 log-probs of ``labels`` (the completion, -100 where not counted), differentiable."""
+    def _apa_entropy_coef(self, entropy, mask, mode) -> float:
+        """The entropy bonus's coefficient for this micro-batch, and TRL's adaptive controller (TRL 1.16's rules).
+
+        Adaptive: the coefficient of the previous optimizer step applies while the entropy measured then is at or
+        under ``entropy_target`` (0 before the first measurement); at each optimizer step the window's
+        token-mean entropy over all ranks moves the coefficient by ``entropy_coef_delta`` towards more entropy
+        bonus when under the target, less otherwise, within ``[entropy_coef_min, entropy_coef_max]``.
+        """
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            coef = coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+            if mode == "train":
+                stats = torch.stack([(entropy * mask).sum(), mask.sum()])
+                self._entropy_window_stats = stats if self._entropy_window_stats is None else (
+                    self._entropy_window_stats + stats)
+                if self.accelerator.sync_gradients:
+                    totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    self._last_world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                    step = self.args.entropy_coef_delta
+                    if self._last_world_entropy <= self.args.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+                    self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef
+
+    def _apa_policy_forward(self, model, inputs, labels):
+        """The policy's ``(B, C)`` float32 log-probs of ``labels`` (the completion, -100 where not counted) and
+        entropies at TRL's temperature (0 where not counted), both differentiable and from one fused pass, and
+        the router aux loss (a scalar tensor) when TRL adds one, else None."""
         input_ids, attention_mask = _sequences(inputs)
         completion_length = labels.size(1)
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
             if self.apa_mode == "logits":
                 # Position i scores token i + 1: the last C + 1 positions score the C completion tokens and one
                 # token past them, dropped.
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               logits_to_keep=completion_length + 1).logits
-                return apa_fast.logprobs(logits[:, :-1], labels, temperature=self.temperature)
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                logits_to_keep=completion_length + 1, **router)
+                logp, entropy = apa_fast.logprobs(outputs.logits[:, :-1], labels, temperature=self.temperature,
+                                                  return_entropy=True)
+                return logp, entropy, outputs.get("aux_loss")
             # One logit position only: the forward's own head is skipped, the hidden states are projected below.
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
-                            output_hidden_states=True)
+                            output_hidden_states=True, **router)
             hidden = outputs.hidden_states[-1][:, -completion_length - 1:-1]
         weight, bias = self._apa_lm_head()
-        scale, softcap = _logit_transform(self.accelerator.unwrap_model(self.model).config)
+        scale, softcap = logit_transform(self.accelerator.unwrap_model(self.model).config)
         head_context = self.accelerator.autocast()
         if self.args.cast_lm_head_to_fp32:  # TRL then projects in float32 outside autocast, the reference too
             hidden = hidden.float()
             head_context = torch.autocast(hidden.device.type, enabled=False)
         with head_context:
-            return apa_fast.linear_logprobs(hidden, weight, labels, bias=bias, logit_scale=scale,
-                                            logit_softcap=softcap, temperature=self.temperature)
+            logp, entropy = apa_fast.linear_logprobs(hidden, weight, labels, bias=bias, logit_scale=scale,
+                                                     logit_softcap=softcap, temperature=self.temperature,
+                                                     return_entropy=True)
+        return logp, entropy, outputs.get("aux_loss")
 
     def _apa_lm_head(self):
         """The lm_head's (V, H) weight and (V,) bias or None, through PEFT and distributed wrappers."""
@@ -213,8 +292,9 @@ class APAGRPOTrainer(GRPOTrainer):
                              "target_modules): use apa_mode='logits'")
         return head.weight, getattr(head, "bias", None)
 
-    def _apa_log_and_check(self, logp, ref_logp, advantages, mask):
-        """Logs the apa/ metrics (token means over all ranks); before the first optimizer step, checks logp == ref."""
+    def _apa_log_and_check(self, logp, entropy, ref_logp, advantages, mask):
+        """Logs the apa/ metrics and TRL's ``entropy`` (token means over all ranks and every completion token);
+        before the first optimizer step, checks logp == ref."""
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
         mask = mask.to(logp.dtype)
@@ -222,11 +302,12 @@ class APAGRPOTrainer(GRPOTrainer):
         residual = logp_minus_ref - advantages / self.apa_lam
         totals = self.accelerator.reduce(torch.stack([
             (logp_minus_ref * mask).sum(), (residual * mask).sum(), (logp_minus_ref.abs() * mask).sum(),
-            mask.sum()]), reduction="sum")
-        count = totals[3].clamp(min=1.0)
+            (entropy * mask).sum(), mask.sum()]), reduction="sum")
+        count = totals[4].clamp(min=1.0)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["apa/logp_minus_ref"].append((totals[0] / count).item())
         self._metrics[mode]["apa/residual"].append((totals[1] / count).item())
+        self._metrics[mode]["entropy"].append((totals[3] / count).item())
         if self._apa_check_first_step and self.model.training and self.state.global_step == 0:
             mean_abs = (totals[2] / count).item()
             if not mean_abs <= FIRST_STEP_TOLERANCE:
@@ -251,14 +332,30 @@ def _check_text_only(batch):
         raise ValueError(f"APAGRPOTrainer supports text-only models; the batch carries {present}")
 
 
-def _logit_transform(config):
-    """(logit_scale, logit_softcap) the model applies after its lm_head, read from its config."""
+def logit_transform(config) -> tuple[float, float | None]:
+    """``(logit_scale, logit_softcap)`` after the lm_head, read from a model config as TRL 1.16's fused head reads it.
+
+    The logits are ``softcap * tanh(scale * z / softcap)`` (no tanh when ``softcap`` is None), then ``/ T``;
+    ``linear_logprobs(..., logit_scale=, logit_softcap=)`` applies them. The first multiplier set wins, in TRL's
+    order (``trl.trainer.utils.add_fused_lm_head``): ``logit_scale`` (Cohere; None on MPT means unscaled),
+    ``output_multiplier`` (Muse Glimmer / Spark), ``lm_head_multiplier`` (Falcon-H1), then ``logits_scaling``,
+    which Granite and MiniCPM3 divide by and HyperCLOVA X multiplies by. ``final_logit_softcapping``: Gemma 2/3,
+    Muse Glimmer.
+    """
     text_config = config.get_text_config()
-    scale = getattr(text_config, "logit_scale", None)  # Cohere multiplies the logits by it
-    if scale is None and getattr(text_config, "logits_scaling", None):  # Granite divides them by it
-        scale = 1.0 / text_config.logits_scaling
-    softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2: softcap * tanh(z / softcap)
-    return (1.0 if scale is None else float(scale)), softcap
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text_config, name, None) if scale is None else scale
+    logits_scaling = getattr(text_config, "logits_scaling", None)
+    if scale is None and logits_scaling is not None:
+        scale = logits_scaling if text_config.model_type == "hyperclovax" else 1.0 / logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(text_config, "final_logit_softcapping", None)
+
+
+def _float32_linear(head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """TRL's lm_head forward under ``cast_lm_head_to_fp32`` (float32 projection), with ``head``'s own weight."""
+    bias = None if head.bias is None else head.bias.float()
+    return nn.functional.linear(hidden_states.float(), head.weight.float(), bias)
 
 
 def _dropout_active(model: nn.Module) -> bool:
