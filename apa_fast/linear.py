@@ -491,7 +491,8 @@ _COMMON_DOC = """
     ``logit_softcap`` is set, then divided by ``temperature``. The projection runs in the autocast dtype under
     ``torch.autocast``, else in the widest dtype of hidden, weight and bias. The result is float32. Gradients
     flow to ``hidden``, ``weight`` and ``bias`` in their own dtypes. ``chunk_size``: token rows projected at a
-    time (default: from H, V and the free memory). ``backend``: as for `apa_fast.loss`. Under DeepSpeed ZeRO-3
+    time, an int >= 1 (default: from H, V and the free memory). ``logit_scale`` and ``logit_softcap`` in
+    [1e-6, 1e6]; the other numbers and ``backend`` as for `apa_fast.loss`. Under DeepSpeed ZeRO-3
     call it (forward and backward) inside ``apa_fast.zero3.gathered(weight, bias, model=engine.module)``.
     Losses: ``entropy_coef`` and ``return_entropy`` as for `apa_fast.loss` (the entropy of
     ``softmax(z / temperature)``, z after ``logit_scale`` and ``logit_softcap``)."""

@@ -460,11 +460,12 @@ _COMMON_DOC = """
     it (gradient accumulation, data parallelism): the parts then add up to the global token mean. The result is
     float32. Gradients (and forward-mode tangents: torch.func and torch.autograd.forward_ad work) flow to
     ``logits`` only, in the logits' dtype; the ops are differentiable once.
-    ``temperature`` in [1e-6, 1e6]. ``backend``: "auto" (Triton on CUDA, the chunked torch path on CPU),
-    "triton" or "torch". ``inplace_backward=True`` writes the gradient into the logits buffer (saving one
-    logits-sized allocation; the gradient goes to a new buffer when the logits' memory belongs to a leaf tensor
-    (an ``nn.Parameter``, or a view of one), overlaps itself or had to be copied); use it only when nothing
-    reads the logits after the loss. Losses: ``entropy_coef`` (a number
+    ``temperature``, ``lam``, ``clip_eps``, ``max_weight`` in [1e-6, 1e6] and ``normalizer`` in [1e-6, 1e12] (Python
+    or NumPy numbers, not bools: `apa_fast.validation.check_number`). ``backend``: "auto" (Triton on CUDA, the
+    chunked torch path on CPU), "triton" or "torch". ``inplace_backward=True`` writes the gradient into the logits
+    buffer (saving one logits-sized allocation; the gradient goes to a new buffer when the logits' memory belongs to
+    a leaf tensor (an ``nn.Parameter``, or a view of one), overlaps itself or had to be copied); use it only when
+    nothing reads the logits after the loss. Losses: ``entropy_coef`` (a number
     in [-1e6, 1e6]) subtracts ``entropy_coef`` times the entropy ``-sum_v p_v log p_v`` of
     ``softmax(logits / temperature)`` from every counted token's loss, under the same reduction;
     ``return_entropy=True`` returns ``(loss, entropy)`` with the float32 ``(...)`` per-token entropy of the same
