@@ -4,6 +4,7 @@ A random-init Llama (2 layers, hidden 64) and a byte-level BPE tokenizer trained
 reward asks for the letter "e". Needs the trl extra: pip install 'apa_fast[trl]'.
 
 Run: python examples/trl_apa.py [--mode logits|linear] [--steps 16]   (under 30 s on 2 CPU cores)
+     python examples/trl_apa.py --entropy-coef 0.01 [--adaptive-entropy]   (TRL's entropy bonus, on APA's loss)
      python examples/trl_apa.py --baseline        (TRL's own GRPOTrainer on the same setup, for the step time)
 """
 
@@ -49,6 +50,8 @@ def main():
     parser.add_argument("--mode", choices=["logits", "linear"], default="logits")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--baseline", action="store_true", help="train with trl.GRPOTrainer (its default loss)")
+    parser.add_argument("--entropy-coef", type=float, default=0.0, help="TRL's entropy bonus coefficient")
+    parser.add_argument("--adaptive-entropy", action="store_true", help="TRL's adaptive entropy coefficient")
     args = parser.parse_args()
 
     tokenizer = train_tokenizer(PROMPTS + ["the eel sees three geese" * 4], 320)
@@ -64,7 +67,8 @@ def main():
                             gradient_accumulation_steps=2, max_completion_length=16, temperature=0.7,
                             learning_rate=1e-2, max_steps=args.steps, logging_steps=1, use_cpu=True,
                             report_to="none", save_strategy="no", seed=0, disable_dropout=True,
-                            disable_tqdm=True)
+                            disable_tqdm=True, entropy_coef=args.entropy_coef,
+                            use_adaptive_entropy=args.adaptive_entropy)
         common = dict(model=model, reward_funcs=reward_letter_e, args=config, processing_class=tokenizer,
                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
         if args.baseline:
@@ -77,10 +81,11 @@ def main():
         trainer.train()
 
     logs = [entry for entry in trainer.state.log_history if "step_time" in entry]
-    print(f"{'step':>4} {'loss':>8} {'reward':>7} {'logp-ref':>9} {'residual':>9} {'wall ms':>8} {'cpu ms':>8}")
+    print(f"{'step':>4} {'loss':>8} {'reward':>7} {'logp-ref':>9} {'residual':>9} {'entropy':>9} {'wall ms':>8} "
+          f"{'cpu ms':>8}")
     for entry, cpu_seconds in zip(logs, clock.step_seconds, strict=True):
         apa = "".join(f" {entry[key]:>9.4f}" if key in entry else f" {'-':>9}"
-                      for key in ("apa/logp_minus_ref", "apa/residual"))
+                      for key in ("apa/logp_minus_ref", "apa/residual", "entropy"))
         print(f"{entry['step']:>4} {entry['loss']:>8.4f} {entry['reward']:>7.3f}{apa} "
               f"{1000 * entry['step_time']:>8.1f} {1000 * cpu_seconds:>8.1f}")
     window = max(1, len(logs) // 4)

@@ -50,7 +50,7 @@ def verl_losses(tmp_path_factory):
         torch_functional = wheel.read("verl/utils/torch_functional.py").decode()
     namespace = {"torch": torch, "Optional": __import__("typing").Optional, "Any": __import__("typing").Any,
                  "ActorConfig": object, "register_policy_loss": lambda name: (lambda fn: fn)}
-    exec(_functions(torch_functional, {"masked_sum"}), namespace)
+    exec(_functions(torch_functional, {"masked_sum", "entropy_from_logits"}), namespace)
     namespace["verl_F"] = types.SimpleNamespace(masked_sum=namespace["masked_sum"])
     exec(_functions(core_algos, {"agg_loss", "kl_penalty", "kl_penalty_forward", "compute_policy_loss_gpg"}),
          namespace)
@@ -71,15 +71,21 @@ def written_out_agg(loss_mat, mask, mode, dp_size, batch_num_tokens, global_batc
     return (per_sequence * (counts > 0)).sum() / global_batch_size * dp_size
 
 
-def verl_actor_loss(log_prob, ref, advantages, mask, mode, verl=None):
-    """What verl's actor backpropagates under the recipe: gpg's term plus kl_loss_coef times the MSE KL term."""
+def verl_actor_loss(log_prob, ref, advantages, mask, mode, verl=None, entropy=None, entropy_coeff=0.0):
+    """What verl's actor backpropagates under the recipe (``ppo_loss`` in verl/workers/utils/losses.py, 0.9.1):
+    gpg's term, minus entropy_coeff times the aggregated entropy when given, plus kl_loss_coef times the MSE KL
+    term, all three aggregated alike."""
     config = types.SimpleNamespace(global_batch_info=dict(BATCH_INFO))
+    agg = written_out_agg if verl is None else verl.agg_loss
     if verl is not None:
         pg, _ = verl.compute_policy_loss_gpg(log_prob.detach(), log_prob, advantages, mask, mode, config, None)
-        kl = verl.agg_loss(verl.kl_penalty(log_prob, ref, "mse"), mask, mode, **BATCH_INFO)
-        return pg + LAM * kl
-    pg = written_out_agg(-advantages * log_prob, mask, mode, **BATCH_INFO)
-    return pg + LAM * written_out_agg(0.5 * (log_prob - ref).square(), mask, mode, **BATCH_INFO)
+        kl = verl.kl_penalty(log_prob, ref, "mse")
+    else:
+        pg = written_out_agg(-advantages * log_prob, mask, mode, **BATCH_INFO)
+        kl = 0.5 * (log_prob - ref).square()
+    if entropy is not None:
+        pg = pg - entropy_coeff * agg(entropy, mask, mode, **BATCH_INFO)
+    return pg + LAM * agg(kl, mask, mode, **BATCH_INFO)
 
 
 def apa_aggregated(log_prob, ref, advantages, mask, mode):
@@ -138,6 +144,40 @@ def test_recipe_gradient_through_the_fused_logits_path():
     assert_close_rel(LAM / 2 * gradient(apa, logits32), verl_grad, GRAD_TOL, "logits gradient")
 
 
+def written_out_entropy(logits):
+    """verl 0.9.1's entropy_from_logits, as read (torch_functional.py): logsumexp(z) - sum(softmax(z) * z)."""
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("with_verl_code", [False, True], ids=["written_out", "verl_code"])
+def test_recipe_with_entropy_bonus_is_half_lam_times_apa_with_entropy_coef(request, mode, with_verl_code):
+    """verl's entropy_coeff = c composes: the actor's gradient is lam / 2 times that of apa_fast.loss with
+    entropy_coef = 2 c / lam (fused entropy and its gradient), under every aggregation, down to the logits."""
+    verl = request.getfixturevalue("verl_losses") if with_verl_code else None
+    batch, length, vocab, temperature, entropy_coeff = 3, 7, 53, 0.8, 0.02
+    logits = (2 * torch.randn(batch, length, vocab, dtype=torch.float64)).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, length))
+    _, ref, advantages, mask = rollout(batch, length)
+    scaled = logits / temperature  # verl scores log_prob and entropy at the rollout temperature
+    log_prob = torch.log_softmax(scaled, -1).gather(-1, labels[..., None])[..., 0]
+    entropy = (verl.entropy_from_logits if verl is not None else written_out_entropy)(scaled)
+    verl_loss = verl_actor_loss(log_prob, ref, advantages, mask, mode, verl, entropy, entropy_coeff)
+    verl_grad = gradient(verl_loss, logits)
+
+    key, value = hydra_overrides(LAM, 2 * entropy_coeff / LAM)[-1].split("=")  # verl's coefficient, from ours
+    assert key == "actor_rollout_ref.actor.entropy_coeff" and float(value) == pytest.approx(entropy_coeff)
+    logits32 = logits.detach().float().requires_grad_()
+    common = dict(lam=LAM, temperature=temperature, entropy_coef=2 * entropy_coeff / LAM)
+    if mode == "token-mean":
+        apa = apa_fast.loss(logits32, labels, ref.float(), advantages.float(), mask, **common,
+                            normalizer=BATCH_INFO["batch_num_tokens"] / BATCH_INFO["dp_size"])
+    else:
+        per_token = apa_fast.loss(logits32, labels, ref.float(), advantages.float(), mask, **common, reduction="none")
+        apa = written_out_agg(per_token, mask, mode, **BATCH_INFO)
+    assert_close_rel(LAM / 2 * gradient(apa, logits32), verl_grad, GRAD_TOL, f"logits gradient, {mode}")
+
+
 def verl_config(**changes):
     config = {"actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": "gpg"}, "use_kl_loss": True,
                                               "kl_loss_type": "mse", "kl_loss_coef": LAM, "entropy_coeff": 0}},
@@ -157,9 +197,11 @@ def test_overrides_and_config_check():
     assert f"actor_rollout_ref.actor.kl_loss_coef={LAM}" in overrides
     check_config(verl_config(), LAM)
     check_config(verl_config(**{"actor_rollout_ref.actor.kl_loss_type": "k2"}), LAM)
+    check_config(verl_config(**{"actor_rollout_ref.actor.entropy_coeff": 0.01}), LAM)  # the bonus composes
     for key, value in [("actor_rollout_ref.actor.kl_loss_type", "low_var_kl"),
                        ("actor_rollout_ref.actor.kl_loss_coef", 0.001),
-                       ("actor_rollout_ref.actor.entropy_coeff", 0.01),
+                       ("actor_rollout_ref.actor.entropy_coeff", float("nan")),
+                       ("actor_rollout_ref.actor.entropy_coeff", True),
                        ("actor_rollout_ref.actor.use_kl_loss", 1),
                        ("algorithm.use_kl_in_reward", True),
                        ("algorithm.rollout_correction.rollout_is", "token")]:
