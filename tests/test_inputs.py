@@ -47,20 +47,23 @@ def _layouts_without_own_memory():
 def test_inplace_backward_falls_back_to_a_new_buffer(backend, name, logits):
     _, labels, aux, adv, mask, _ = make_inputs(logits.shape[:-1], logits.shape[-1])
     _, want = oracle("apa", logits, labels, aux, adv, mask)
-    x = logits.detach().requires_grad_()  # keeps the strides
-    before = x.detach().clone()
+    # The same strides over the memory of a non-leaf (a model's output): only the layout refuses the write.
+    owner = logits._base.detach().requires_grad_() * 1
+    x = owner.as_strided(logits.shape, logits.stride(), logits.storage_offset())
+    x.retain_grad()
+    before = owner.detach().clone()
     _apa(x, labels, aux, adv, mask, backend, inplace_backward=True).backward()
     assert_close_rel(x.grad, want, 2e-5, name)
-    assert torch.equal(x.detach(), before), "the logits must be left untouched when the gradient cannot land there"
+    assert torch.equal(owner.detach(), before), "the logits must be left untouched when the gradient cannot land there"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_writes_through_vocab_strides(backend):
-    base = torch.randn(2, 3, 2 * 61)
-    logits = base[..., ::2]  # vocabulary stride 2: its own memory, no copy
-    _, labels, aux, adv, mask, _ = make_inputs(logits.shape[:-1], logits.shape[-1])
-    _, want = oracle("apa", logits, labels, aux, adv, mask)
-    x = logits.detach().requires_grad_()
+    base = torch.randn(2, 3, 2 * 61, requires_grad=True) * 1  # a non-leaf, as a model's logits
+    x = base[..., ::2]  # vocabulary stride 2: its own memory, no copy
+    x.retain_grad()
+    _, labels, aux, adv, mask, _ = make_inputs(x.shape[:-1], x.shape[-1])
+    _, want = oracle("apa", x, labels, aux, adv, mask)
     _apa(x, labels, aux, adv, mask, backend, inplace_backward=True).backward()
     assert_close_rel(x.detach(), want, 2e-5, "gradient written over the strided logits")
     assert_close_rel(x.grad, want, 2e-5, "x.grad")
@@ -69,7 +72,7 @@ def test_inplace_backward_writes_through_vocab_strides(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_is_loud_when_another_op_needs_the_logits(backend):
     logits, labels, aux, adv, mask, _ = make_inputs((2, 3), 101)
-    x = logits.clone().requires_grad_()
+    x = logits.clone().requires_grad_() * 1  # a non-leaf, as a model's logits
     square = (x * x).sum()  # saves x; autograd runs its backward after the loss's, which overwrote x
     total = square + _apa(x, labels, aux, adv, mask, backend, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -81,7 +81,9 @@ def test_offsets_beyond_2_31_elements():
 def test_no_float32_rows_x_vocab_buffer(inplace):
     rows, vocab = 4096, 50400
     logits, labels, aux, adv, mask, _ = _cuda(*make_inputs((rows,), vocab, dtype=torch.bfloat16))
-    x = logits.requires_grad_()
+    # A non-leaf, as a model's logits (inplace_backward never overwrites a leaf); the add saves no tensor.
+    x = logits + torch.zeros((), dtype=logits.dtype, device=logits.device, requires_grad=True)
+    del logits
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -172,7 +172,8 @@ def test_all_zero_masks(backend, design):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_inplace_backward_every_reduction_and_strided_upstream(backend, design, reduction):
     logits, labels, aux, adv, mask, _ = make_inputs((3, 4), 13)
-    x = logits.clone().requires_grad_()
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1  # a non-leaf buffer, as a model's logits (a leaf's memory is never overwritten)
     out = apa_fast.loss(x, labels, aux, adv, mask, reduction=reduction, backend=backend, inplace_backward=True)
     if reduction == "none":
         upstream = torch.randn(4, 3).T  # non-contiguous
@@ -184,7 +185,7 @@ def test_inplace_backward_every_reduction_and_strided_upstream(backend, design, 
     if weights is None:
         want_grad = want_grad * 2.5
     _close(out, want_value, "value", scale=VALUE_SCALE)
-    _close(x.grad, want_grad, "grad")
+    _close(leaf.grad, want_grad, "grad")
     _close(x.detach(), want_grad, "the logits buffer holds the gradient")
 
 
