@@ -369,7 +369,10 @@ def _gradient_mismatch(provider: str, variant: str | None, device: str) -> str |
 def make_inputs(case: Case, device: str) -> dict:
     """Random inputs (never zeros): logits ~ N(0, 2^2) requiring grad, labels, plausible per-token floats."""
     n, v = case.tokens, case.vocab
-    logits = (torch.randn(n, v, dtype=DTYPES[case.dtype], device=device) * 2).requires_grad_()
+    # A non-leaf, as a model's logits (inplace_backward never overwrites a leaf): the add saves no tensor, and the
+    # timed gradient stops at the logits.
+    anchor = torch.zeros((), dtype=DTYPES[case.dtype], device=device, requires_grad=True)
+    logits = torch.randn(n, v, dtype=DTYPES[case.dtype], device=device) * 2 + anchor
     inputs = {
         "logits": logits,
         "labels": torch.randint(0, v, (n,), device=device),
