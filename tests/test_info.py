@@ -5,7 +5,7 @@ import pytest
 
 from apa_fast import _dispatch, info
 
-ORIGINS = ("installed", "cached build", "failed build", "disabled", "not built")
+ORIGINS = ("installed", "cached build", "failed build", "cache unusable", "disabled", "not built")
 
 
 def test_environment_report_names_versions_extension_and_backends():
