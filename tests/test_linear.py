@@ -266,18 +266,25 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
     assert not value.requires_grad and sweeps == [None]
 
 
-def test_default_chunk_size_follows_vocab_and_free_memory(monkeypatch):
+def test_default_chunk_size_bounds_accumulations_and_memory(monkeypatch):
+    """The model of `_chunk_rows`: at most MAX_ACCUMULATIONS chunks above the accumulation floor (128 rows on
+    CPU, 2,432 bf16 rows on CUDA), capped by MAX_CHUNK_BYTES, the free memory and the rows themselves."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    rows = linear_module._chunk_rows(0, 1024, 50400, torch.float32, cpu)
-    assert 0 < rows * 50400 * 4 <= linear_module.CHUNK_BYTES["cpu"]
+    chunk = linear_module._chunk_rows
     monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 80 * 2**30)
-    roomy = linear_module._chunk_rows(0, 4096, 50400, torch.bfloat16, cuda)
-    assert roomy * 50400 * 2 <= linear_module.CHUNK_BYTES["cuda"] and roomy >= 1024
+    assert chunk(0, 1792, 1024, 50400, torch.float32, cpu) == 256  # 2,048 tokens, 1 in 8 masked: 7 chunks
+    assert chunk(0, 3584, 1024, 50400, torch.float32, cpu) == 448  # 4,096 tokens: 8 chunks
+    assert chunk(0, 500, 1024, 50400, torch.float32, cpu) == 128  # the floor: 4 chunks, not 8 of 63 rows
+    assert chunk(0, 50, 1024, 50400, torch.float32, cpu) == 50  # never more than the rows
+    assert chunk(0, 16384, 4096, 50400, torch.bfloat16, cuda) == 2432  # the floor: 7 chunks
+    assert chunk(0, 65536, 4096, 50400, torch.bfloat16, cuda) == 8192  # 8 chunks of 826 MB of logits
+    huge = chunk(0, 2**20, 4096, 151936, torch.bfloat16, cuda)
+    assert huge * 151936 * 2 <= linear_module.MAX_CHUNK_BYTES["cuda"] and huge >= 2432
     monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 2**30)
-    assert linear_module._chunk_rows(0, 4096, 50400, torch.bfloat16, cuda) < roomy
+    assert chunk(0, 16384, 4096, 50400, torch.bfloat16, cuda) * 50400 * 2 <= 2**30 // 8
     monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 0)
-    assert linear_module._chunk_rows(0, 4096, 50400, torch.bfloat16, cuda) == 1
-    assert linear_module._chunk_rows(7, 4096, 50400, torch.bfloat16, cuda) == 7
+    assert chunk(0, 16384, 4096, 50400, torch.bfloat16, cuda) == 1
+    assert chunk(7, 16384, 4096, 50400, torch.bfloat16, cuda) == 7
 
 
 # ----------------------------------------------------------------------------------------------------
