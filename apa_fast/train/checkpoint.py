@@ -16,6 +16,7 @@ The learning-rate schedule is a function of the step, so the step is the schedul
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -28,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, config_dict
+from .config import ConfigError, TrainConfig, config_dict
 
 # --- nested state (optimizer and RNG state dicts) <-> safetensors file with a JSON skeleton ---
 
@@ -161,6 +162,39 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path):
+    """Create ``run_dir`` and hold an exclusive lock on ``run_dir/.lock`` (which holds the pid) meanwhile.
+
+    A second trainer (or sweep) on the same directory is refused, naming the holder's pid. The lock is a
+    `flock`: the kernel drops it when its process ends, however it ends, so a crashed run leaves nothing stuck.
+    """
+    out = Path(run_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory", "output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"output_dir {out}: cannot create it or write in it ({exc.strerror or exc})",
+                          "output_dir") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CheckpointError(f"{out} is in use by another apa-train process (pid {holder}, which holds "
+                                  f"{out / LOCK_FILE}): wait for it to end, or use another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, data_position: int, cfg: TrainConfig,
                     rank: int, world_size: int, zero_stage: int, kl_coef: float | None = None) -> Path:
     """Write the checkpoint of ``step`` (all ranks call this) and point ``latest`` at it; returns its path.
@@ -291,12 +325,19 @@ def read_trainer_state(path: Path) -> dict:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load the checkpoint's policy and critic weights into an `ActorCritic` (before DeepSpeed wraps it)."""
-    state = {}
-    for shard in sorted((path / "policy").glob("*.safetensors")):
+    state, origin = {}, {}  # origin: the file each tensor came from, for the error
+    for shard, prefix in [*((f, "policy.") for f in sorted((path / "policy").glob("*.safetensors"))),
+                          (path / "critic.safetensors", "")]:
         with _naming(shard):
-            state.update({f"policy.{k}": v for k, v in load_file(str(shard)).items()})
-    with _naming(path / "critic.safetensors"):
-        state.update(load_file(str(path / "critic.safetensors")))
+            tensors = {prefix + k: v for k, v in load_file(str(shard)).items()}
+        state.update(tensors)
+        origin.update(dict.fromkeys(tensors, shard))
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    misfit = [k for k, t in state.items() if k in shapes and tuple(t.shape) != shapes[k]]
+    if misfit:  # load_state_dict would raise a multi-line RuntimeError
+        first = misfit[0]
+        raise CheckpointError(f"{origin[first]}: {len(misfit)} tensor(s) do not fit the model, e.g. {first} "
+                              f"{tuple(state[first].shape)} where the model has {shapes[first]}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained drops the copies of tied weights (an lm_head tied to the embeddings): those may be missing.
     loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}

@@ -10,6 +10,7 @@ import collections.abc
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -261,3 +262,57 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     if callable(cfg.reward):
         out["reward"] = f"{cfg.reward.__module__}:{cfg.reward.__qualname__}"
     return out
+
+
+# Fields a resumed run (or a frontier point run again) may change: how long it runs, where and how often it saves,
+# and implementation choices that compute the same maths. Any other change would continue one experiment under
+# another's settings. A new field that does not change what a run learns belongs here.
+RESUME_MAY_CHANGE = ("max_steps", "save_every", "keep_checkpoints", "output_dir", "loss_backend", "fused_lm_head",
+                     "flash_attn")
+
+
+def changed_fields(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, new value)}`` for the fields outside RESUME_MAY_CHANGE where ``cfg`` differs from
+    ``saved`` (a `config_dict` written earlier). A field ``saved`` lacks (written before it existed) is not compared."""
+    return {name: (saved[name], value) for name, value in config_dict(cfg).items()
+            if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value}
+
+
+# The fields that name something outside the config, by kind; `check_sources` checks each before any work.
+SOURCE_FIELDS = {"policy": "model", "critic": "model", "tokenizer": "tokenizer", "reward": "reward",
+                 "dataset": "dataset"}
+# A hub repository id (NAME or ORG/NAME): what `from_pretrained` / `load_dataset` read when no local path matches.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_sources(cfg: TrainConfig) -> None:
+    """Every field of SOURCE_FIELDS and the DeepSpeed file, checked before any work; errors name the field.
+
+    A model, tokenizer, classifier or dataset given as an existing local path must be of its kind (a model or
+    classifier directory holds a config.json); a value that is no local path must be spelled as a hub name
+    (ORG/NAME), looked up when it loads. A ``package.module:function`` reward must import and be callable; local
+    dataset files (.json/.jsonl, comma-separated) must exist; the DeepSpeed file must be a JSON object.
+    """
+    from .rewards import reward_function  # imports torch: only when a run is about to start
+
+    for name, kind in SOURCE_FIELDS.items():
+        value = getattr(cfg, name)
+        if value is None or kind == "reward" and reward_function(value, name) is not None:
+            continue
+        if kind == "dataset" and all(Path(f.strip()).suffix in (".json", ".jsonl") for f in value.split(",")):
+            missing = [f.strip() for f in value.split(",") if not Path(f.strip()).is_file()]  # as `load_prompts`
+            if missing:
+                raise ConfigError(f"config field {name!r}: no such file {missing[0]}", name)
+            continue
+        forms = "a package.module:function, " if kind == "reward" else ""
+        path = Path(value)
+        if not path.exists():
+            if not HUB_NAME.fullmatch(value):
+                raise ConfigError(f"config field {name!r}: {value} does not exist (expected {forms}a local path or "
+                                  "a hub name such as ORG/NAME)", name)
+        elif kind != "dataset" and not path.is_dir():
+            raise ConfigError(f"config field {name!r}: {value} is not a directory", name)
+        elif kind in ("model", "reward") and not (path / "config.json").is_file():
+            raise ConfigError(f"config field {name!r}: {value} has no config.json (not a model directory)", name)
+    if cfg.deepspeed_config:
+        read_deepspeed_json(cfg.deepspeed_config)

@@ -19,25 +19,38 @@ import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 import traceback
 import typing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import yaml
 
-from .config import ALGOS, ConfigError, TrainConfig, config_dict, load_config, make_config
+from .config import (
+    ALGOS,
+    RESUME_MAY_CHANGE,
+    ConfigError,
+    TrainConfig,
+    changed_fields,
+    check_sources,
+    config_dict,
+    load_config,
+    make_config,
+)
 
 GRID = re.compile(r"(?P<algorithm>[^:]*):(?P<parameter>[^=]*)=(?P<values>.*)")
 COLORS = {"apa": "tab:blue", "ppo": "tab:orange", "awr": "tab:green"}
+# The fields only one algorithm reads; every other field (ppo_epochs, lr, ...) changes the runs of all three.
+ALGORITHM_FIELDS = {"apa": ("apa_lam",), "awr": ("awr_lam", "awr_max_weight"),
+                    "ppo": ("ppo_clip_eps", "ppo_kl_coef", "ppo_adaptive_kl", "ppo_kl_target", "ppo_kl_horizon")}
 
 
 class GridError(ValueError):
@@ -55,10 +68,17 @@ class Point:
 
     @property
     def name(self) -> str:
-        return f"{self.algorithm}_{self.parameter}={self.value:g}_seed{self.seed}"
+        return f"{self.algorithm}_{self.parameter}={number(self.value)}_seed{self.seed}"
 
     def label(self) -> str:
-        return f"{self.algorithm} {self.parameter}={self.value:g} seed {self.seed}"
+        return f"{self.algorithm} {self.parameter}={number(self.value)} seed {self.seed}"
+
+
+def number(value: float) -> str:
+    """``value`` written so that it reads back exactly: ``:g`` where that is exact (the folder names of earlier
+    sweeps), else ``repr`` (0.1000001, not 0.1): distinct values get distinct point folders and labels."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def parse_grid(spec: str) -> tuple[str, str, list[float]]:
@@ -76,7 +96,11 @@ def parse_grid(spec: str) -> tuple[str, str, list[float]]:
     numeric = sorted(name for name, hint in hints.items() if hint in (int, float) and name != "seed")
     if parameter not in numeric:
         raise error(f"{parameter!r} is not a numeric config field to sweep (seeds: --seeds); one of {numeric}")
-    other = [a for a in ALGOS if a != algorithm and parameter.startswith(f"{a}_")]
+    if parameter == "max_steps":
+        raise error("max_steps is the same for every run of a sweep: give it with --max-steps")
+    if parameter in RESUME_MAY_CHANGE:
+        raise error(f"{parameter} does not change what a run learns: give it to every run with --set")
+    other = [a for a, fields in ALGORITHM_FIELDS.items() if a != algorithm and parameter in fields]
     if other:
         raise error(f"{parameter} is a parameter of {other[0]}, it does not change {algorithm}")
     values = []
@@ -88,7 +112,7 @@ def parse_grid(spec: str) -> tuple[str, str, list[float]]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise error(f"{raw.strip()!r} is not a number")
         if value in values:
-            raise error(f"value {value:g} appears twice")
+            raise error(f"value {number(value)} appears twice")
         values.append(value)
     return algorithm, parameter, values
 
@@ -123,9 +147,10 @@ def check_saved_config(cfg: TrainConfig) -> None:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise GridError(f"{path}: cannot be read ({type(exc).__name__}); delete the point's folder to redo "
                             "it") from exc
-        saved = saved if isinstance(saved, dict) else {}
-        # max_steps may grow (the runs extend); output_dir is the folder itself, however it was spelled.
-        changed = sorted(k for k in wanted if k not in ("max_steps", "output_dir") and saved.get(k) != wanted[k])
+        if not isinstance(saved, dict):
+            raise GridError(f"{path}: is not a mapping of config fields; delete the point's folder to redo it")
+        # As on resume: max_steps may grow (the runs extend), output_dir is the folder however it is spelled, ...
+        changed = sorted(changed_fields(saved, cfg))
         if changed:
             raise GridError(f"{path}: this point ran with other values of {changed}; use another --output-dir, "
                             "or delete the point's folder to redo it")
@@ -149,14 +174,66 @@ def finished(cfg: TrainConfig) -> bool:
 # --- worker processes ---
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+WORKER = "import sys; from apa_fast.train.frontier import worker_main; worker_main(sys.argv[1])"
 
 
-def _init_worker(threads: int) -> None:
-    """Each worker trains as a world of one process with its share of the CPU threads; a rendezvous inherited
-    from the parent (one that trained in-process, or a launcher's) would collide with the parent's port."""
-    for name in DISTRIBUTED_ENV:
-        os.environ.pop(name, None)
-    os.environ["APA_TRAIN_THREADS"] = str(threads)
+def worker_main(job: str) -> None:
+    """A worker process: run the point of ``job`` (JSON: its config values and the launcher) and write the
+    `run_point` result as JSON on stdout, the only thing the worker writes there."""
+    values, launcher = json.loads(job)
+    sys.stdout.write(json.dumps(run_point(values, launcher)))
+
+
+class Worker:
+    """The process running one point: a fresh interpreter (`worker_main`) with its share of the CPU threads.
+
+    It trains as a world of one process: a rendezvous inherited from the sweep (one that trained in-process, or
+    a launcher's) would collide with the sweep's port. It leads a session of its own, with what it launches, so
+    that a terminal's Ctrl-C reaches the sweep alone, which then stops each worker's whole group (`stop_workers`).
+    """
+
+    def __init__(self, point: Point, cfg: TrainConfig, launcher: str | None, threads: int):
+        self.point, self.cfg = point, cfg
+        env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        package_root = str(Path(__file__).resolve().parents[2])  # where the sweep imported apa_fast from
+        env.update(APA_TRAIN_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH")))))
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps([config_dict(cfg), launcher])],
+                                        stdout=subprocess.PIPE, env=env, start_new_session=True)
+
+    def result(self) -> tuple[str | None, float]:
+        """``(error, seconds)`` as `run_point` returns them, once the worker has written them (or died)."""
+        out = self.process.stdout.read()
+        code = self.process.wait()
+        self.process.stdout.close()
+        try:
+            error, seconds = json.loads(out)
+        except ValueError:
+            return f"its worker process ended with exit code {code} and no result", 0.0
+        return error, seconds
+
+    def alive(self) -> bool:
+        """Whether the worker or anything in its process group still runs (the worker is reaped once ended)."""
+        self.process.poll()
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def stop_workers(workers: list[Worker], grace: float = 10.0) -> None:
+    """SIGTERM to each worker's process group (the worker and what it launched), then SIGKILL to whatever is left
+    after ``grace`` seconds. A point stopped this way resumes from its last checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.process.pid, sig)
+        deadline = time.monotonic() + grace
+        while any([w.alive() for w in workers]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for worker in workers:
+        worker.process.stdout.close()
 
 
 @contextlib.contextmanager
@@ -244,7 +321,7 @@ def frontier_markdown(records: list[dict], command: str) -> str:
         for value, runs in by_value:
             runs = sorted(runs, key=lambda r: r["seed"])
             rewards, kls = [r["reward"] for r in runs], [r["kl"] for r in runs]
-            lines.append(f"| {value:g} | {statistics.fmean(rewards):.3f} | {statistics.fmean(kls):.2f} | "
+            lines.append(f"| {number(value)} | {statistics.fmean(rewards):.3f} | {statistics.fmean(kls):.2f} | "
                          + ", ".join(f"{x:.3f}" for x in rewards) + " | " + ", ".join(f"{x:.2f}" for x in kls) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -270,7 +347,7 @@ def plot_frontier(records: list[dict], path: Path, title: str) -> None:
             xerr[1].append(max(kl) - xs[-1])
             yerr[0].append(ys[-1] - min(reward))
             yerr[1].append(max(reward) - ys[-1])
-            ax.annotate(f"{value:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, -11), fontsize=8,
+            ax.annotate(number(value), (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, -11), fontsize=8,
                         color=COLORS.get(algorithm))
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=COLORS.get(algorithm),
                     linestyle=("-", "--", ":")[index % 3], label=f"{algorithm.upper()} ({parameter})")
@@ -329,7 +406,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def sweep(points: list[tuple[Point, TrainConfig]], out: Path, jobs: int, command: str,
           launcher: str | None = None) -> int:
-    """Run the unfinished points, a progress line each; write the outputs as results come. Returns failures."""
+    """Run the unfinished points, a progress line each; write the outputs as results come. Returns failures.
+
+    Ctrl-C (SIGINT) stops every worker with what it launched (a point resumes from its last checkpoint), writes
+    the outputs of the finished points and raises KeyboardInterrupt, leaving SIGINT ignored (a second Ctrl-C
+    must not cut short the exit).
+    """
     done = {p.name: point_record(p, cfg) for p, cfg in points if finished(cfg)}
     todo = [(p, cfg) for p, cfg in points if p.name not in done]
     base = points[0][1]
@@ -353,20 +435,43 @@ def sweep(points: list[tuple[Point, TrainConfig]], out: Path, jobs: int, command
     failures = 0
     if todo:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
-            submitted = {pool.submit(run_point, config_dict(cfg), launcher): (point, cfg) for point, cfg in todo}
-            for future in as_completed(submitted):
-                point, cfg = submitted[future]
-                error, seconds = future.result()
-                if error is None:
-                    done[point.name] = record = point_record(point, cfg)
-                    report(point, f"reward {record['reward']:.3f}, kl {record['kl']:.2f} "
-                                  f"({record['steps']} steps, {seconds:.0f} s)")
-                    outputs()
-                else:
-                    failures += 1
-                    report(point, f"FAILED: {error} (log: {Path(cfg.output_dir) / 'train.log'})")
+        waiting, running = list(todo), {}  # running: stdout pipe -> Worker
+        # Ctrl-C only wakes the loop below (a handler that raises could strike anywhere, between a worker's start
+        # and its registration say): the loop then stops the workers. A second Ctrl-C changes nothing.
+        wake_r, wake_w = os.pipe()
+        previous = signal.signal(signal.SIGINT, lambda *_: os.write(wake_w, b"\0"))
+        interrupted = False
+        try:
+            while (waiting or running) and not interrupted:
+                while waiting and len(running) < jobs:
+                    worker = Worker(*waiting.pop(0), launcher, threads)
+                    running[worker.process.stdout] = worker
+                ready = wait([*running, wake_r])
+                interrupted = wake_r in ready
+                for pipe in ready:
+                    if pipe == wake_r:
+                        continue
+                    worker = running.pop(pipe)
+                    error, seconds = worker.result()
+                    point, cfg = worker.point, worker.cfg
+                    if error is None:
+                        done[point.name] = record = point_record(point, cfg)
+                        report(point, f"reward {record['reward']:.3f}, kl {record['kl']:.2f} "
+                                      f"({record['steps']} steps, {seconds:.0f} s)")
+                        outputs()
+                    else:
+                        failures += 1
+                        report(point, f"FAILED: {error} (log: {Path(cfg.output_dir) / 'train.log'})")
+        finally:
+            stop_workers(list(running.values()))  # none unless interrupted (or this loop failed)
+            # Interrupted: further Ctrl-Cs stay ignored, so that none cuts short the caller's clean-up and exit.
+            signal.signal(signal.SIGINT, signal.SIG_IGN if interrupted else previous)
+            os.close(wake_r)
+            os.close(wake_w)
+        if interrupted:
+            if done:
+                outputs()
+            raise KeyboardInterrupt
     if done:
         outputs()
     return failures
@@ -374,18 +479,30 @@ def sweep(points: list[tuple[Point, TrainConfig]], out: Path, jobs: int, command
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from .checkpoint import CheckpointError, run_dir_lock
+
     args = parse_args(argv)
     out = Path(args.output_dir)
-    try:
-        base = load_config(args.config, args.set, **({} if args.max_steps is None else {"max_steps": args.max_steps}))
-        points = plan(base, args.grid, args.seeds, out)
-        for _, cfg in points:
-            check_saved_config(cfg)
-    except (ConfigError, GridError) as exc:
-        print(f"apa-train frontier: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    started = time.perf_counter()
-    failures = sweep(points, out, args.jobs, "apa-train frontier " + shlex.join(argv), args.launcher)
+    with contextlib.ExitStack() as hold:
+        try:
+            base = load_config(args.config, args.set,
+                               **({} if args.max_steps is None else {"max_steps": args.max_steps}))
+            points = plan(base, args.grid, args.seeds, out)
+            check_sources(base)  # the grids sweep numbers: every point names what the base names
+            hold.enter_context(run_dir_lock(out))  # a second sweep of the same directory is refused
+            for _, cfg in points:
+                check_saved_config(cfg)
+        except (ConfigError, GridError, CheckpointError) as exc:
+            print(f"apa-train frontier: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        started = time.perf_counter()
+        try:
+            failures = sweep(points, out, args.jobs, "apa-train frontier " + shlex.join(argv), args.launcher)
+        except KeyboardInterrupt:
+            kept = sum(finished(cfg) for _, cfg in points)
+            print(f"apa-train frontier: interrupted: {kept} of {len(points)} points finished, their results in "
+                  f"{out}; run the same command to resume the others", file=sys.stderr)
+            sys.exit(130)
     print(f"apa-train frontier: {len(points)} points, {failures} failed, {time.perf_counter() - started:.0f} s; "
           f"{out / 'frontier.md'}, {out / 'frontier.png'}, {out / 'frontier.jsonl'}")
     if failures:

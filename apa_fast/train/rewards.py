@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from .config import ConfigError, _one_line
+
 RewardFn = Callable[[list[str], list[str]], "torch.Tensor | list[float]"]
 
 # Words of the bundled dialogues' helpful answers; each is a single token of the tokenizer trained on them.
@@ -52,17 +54,34 @@ class ClassifierReward:
         return torch.cat(scores)
 
 
-def load_reward(spec: str | RewardFn, device: torch.device, dtype: torch.dtype) -> RewardFn:
-    """``spec`` as a reward function: a callable, ``"package.module:function"``, or a classifier path/hub name."""
+def reward_function(spec: str | RewardFn, field: str = "reward") -> RewardFn | None:
+    """The function a reward spec names: the callable itself, or ``"package.module:function"`` imported; None for
+    any other string (a classifier). A module:function that does not resolve to a callable raises ConfigError
+    naming the config ``field``."""
     if callable(spec):
         return spec
-    if re.fullmatch(r"[\w.]+:[\w.]+", spec):
-        module_name, _, attr = spec.partition(":")
+    if not re.fullmatch(r"[\w.]+:[\w.]+", spec):
+        return None
+    module_name, _, attr = spec.partition(":")
+    where = f"config field {field!r} ({spec})"
+    try:
         target = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-        return target
-    return ClassifierReward(spec, device, dtype)
+    except Exception as exc:  # ImportError, or whatever the module raised while it ran: the user's code
+        raise ConfigError(f"{where}: cannot import {module_name} ({type(exc).__name__}: {_one_line(exc)})",
+                          field) from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{where}: {module_name} has no attribute {attr!r}", field)
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{where}: {attr} is a {type(target).__name__}, not a function", field)
+    return target
+
+
+def load_reward(spec: str | RewardFn, device: torch.device, dtype: torch.dtype) -> RewardFn:
+    """``spec`` as a reward function: a callable, ``"package.module:function"``, or a classifier path/hub name."""
+    function = reward_function(spec)
+    return function if function is not None else ClassifierReward(spec, device, dtype)
 
 
 def score(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:

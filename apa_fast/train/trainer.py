@@ -6,6 +6,7 @@ after its checkpoint's and ends at the same step a run without interruption woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,10 +26,11 @@ from .checkpoint import (
     load_weights,
     read_trainer_state,
     resume_point,
+    run_dir_lock,
     save_checkpoint,
     truncate_metrics,
 )
-from .config import ConfigError, TrainConfig, read_deepspeed_json
+from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, changed_fields, check_sources, read_deepspeed_json
 from .data import PromptStream, load_prompts, tokenize_prompts
 from .models import build_models, load_tokenizer
 from .rewards import load_reward
@@ -155,8 +157,6 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path |
     Reads only: nothing is deleted here. A run directory with checkpoints is started over only with
     ``overwrite``, which reads nothing, so that it works whatever state the directory is in.
     """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory", "output_dir")
     if overwrite:
         return None, None
     if resume:
@@ -181,11 +181,19 @@ def open_run(cfg: TrainConfig, resume: bool, overwrite: bool, rank: int, world_s
     """``(checkpoint, trainer_state)`` of the run to continue (``(None, {"step": 0})`` to start one).
 
     The previous run is deleted only when ``overwrite`` asks, and only after every rank has looked; a run
-    already at ``max_steps`` is left as it is. Notes for the user go out from rank 0.
+    already at ``max_steps`` is left as it is; a run made with other settings (beyond RESUME_MAY_CHANGE) is
+    refused, naming them. Notes for the user go out from rank 0.
     """
     out = Path(cfg.output_dir)
     checkpoint, note = prepare_output_dir(out, resume, overwrite)
     state = read_trainer_state(checkpoint) if checkpoint is not None else {"step": 0}
+    changed = changed_fields(state.get("config", {}), cfg) if checkpoint is not None else {}
+    if changed:
+        raise CheckpointError(
+            f"{checkpoint / 'trainer_state.json'}: the run was made with "
+            + ", ".join(f"{name}={old!r} (now {new!r})" for name, (old, new) in changed.items())
+            + f"; resume with its values (only {', '.join(RESUME_MAY_CHANGE)} may change), or start again with "
+            "--overwrite")
     if checkpoint is not None and state.get("world_size") != world_size:
         raise CheckpointError(f"{checkpoint} was written by {state.get('world_size')} processes; resume with as "
                               f"many (this run has {world_size})")
@@ -203,16 +211,24 @@ def open_run(cfg: TrainConfig, resume: bool, overwrite: bool, rank: int, world_s
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> list[dict]:
     """Run steps until ``cfg.max_steps``; returns the metrics of the steps this call ran.
 
-    Everything that can be checked before the first step is: the config (at construction), the DeepSpeed
-    file, the run directory and the checkpoint to resume from. A missing matplotlib only skips curves.png.
+    Everything that can be checked before the first step is: the config (at construction), what it names
+    (`check_sources`), the run directory (locked by rank 0 for the run) and the checkpoint to resume from. A
+    missing matplotlib only skips curves.png.
     """
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: continue the run, or start it again")
+    check_sources(cfg)
+    # Rank 0 locks the directory before the ranks meet: a second trainer stops here (a launcher then stops its
+    # other ranks, which wait for rank 0 to meet them).
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    with run_dir_lock(cfg.output_dir) if rank_zero else contextlib.nullcontext():
+        return _train(cfg, resume, overwrite)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> list[dict]:
     import deepspeed
     from tqdm import tqdm
 
-    if resume and overwrite:
-        raise ConfigError("resume and overwrite exclude each other: continue the run, or start it again")
-    if cfg.deepspeed_config:
-        read_deepspeed_json(cfg.deepspeed_config)
     rank, world_size, device = setup_distributed()
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(cfg, name) % world_size:
@@ -251,7 +267,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> li
 
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         torn = truncate_metrics(metrics_path, start_step)
         if torn:
             print(f"apa-train: {torn}")
