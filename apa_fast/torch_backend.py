@@ -35,21 +35,27 @@ def _scaled_float32(chunk: torch.Tensor, inv_temperature: float, *, copy: bool) 
     return scaled.mul_(inv_temperature) if inv_temperature != 1.0 else scaled
 
 
-def _chunk_lse_and_target(scaled, safe_labels):
-    return torch.logsumexp(scaled, dim=-1), scaled.gather(-1, safe_labels[:, None])[:, 0]
+def _chunk_lse_and_target(scaled, safe_labels, entropy=False):
+    """(lse, entropy or None, the labels' scaled logits) of the rows of the float32 ``scaled`` chunk."""
+    target = scaled.gather(-1, safe_labels[:, None])[:, 0]
+    if not entropy:
+        return torch.logsumexp(scaled, dim=-1), None, target
+    return *_chunk_lse_and_entropy(scaled), target
 
 
-def _chunk_entropy(scaled):
-    """float32 ``(n,)`` ``-sum p log p`` of ``softmax(scaled)``; -inf columns add nothing, an all -inf row is 0.
-
-    As in the kernels, relative to the row maximum: ``log S - sum(e^u * u) / S`` with ``u = z - max`` and ``S =
-    sum e^u``, not ``lse - sum(p * z)``, which loses ``|lse| * 2**-24`` to cancellation (1e-3 at logits of 1e4)."""
+def _chunk_lse_and_entropy(scaled):
+    """float32 ``(n,)`` (log-sum-exp, ``-sum p log p`` of ``softmax(scaled)``) from one sweep of exponentials, as
+    the kernels: relative to the row maximum, ``lse = max + log S`` and ``H = log S - sum(e^u * u) / S`` with
+    ``u = z - max``, ``S = sum e^u`` (``lse - sum(p * z)`` would lose ``|lse| * 2**-24`` to cancellation: 1e-3
+    at logits of 1e4). -inf columns add nothing; an all -inf row has lse -inf (as torch.logsumexp) and entropy 0."""
     row_max = scaled.amax(-1)
-    shifted = scaled - row_max[:, None]
+    finite = torch.isfinite(row_max)
+    shifted = scaled - torch.where(finite, row_max, 0.0)[:, None]
     weights = shifted.exp()
-    total = weights.sum(-1)
-    entropy = total.log() - weights.mul_(shifted.clamp_(min=LOGP_FLOOR)).sum(-1) / total
-    return torch.where(torch.isfinite(row_max), entropy, 0.0)
+    log_total = weights.sum(-1).log()
+    # One fused dot product per row; the clamp turns 0 * -inf (a -inf column) into 0 * LOGP_FLOOR.
+    mean_shift = torch.linalg.vecdot(weights, shifted.clamp_(min=LOGP_FLOOR)) / log_total.exp()
+    return row_max + log_total, torch.where(finite, log_total - mean_shift, 0.0)
 
 
 def _finish_rows(kind, counted, target, lse, aux, adv, param0, param1):
@@ -89,9 +95,9 @@ def forward(rows3d, labels, aux, adv, *, loss_kind, inv_temperature, param0=0.0,
     for first, chunk in row_chunks(rows3d):
         rows = slice(first, first + chunk.shape[0])
         scaled = _scaled_float32(chunk, inv_temperature, copy=inv_temperature != 1.0)
-        lse[rows], target[rows] = _chunk_lse_and_target(scaled, safe_labels[rows])
+        lse[rows], chunk_entropy, target[rows] = _chunk_lse_and_target(scaled, safe_labels[rows], entropy)
         if entropy:
-            entropies[rows] = _chunk_entropy(scaled)
+            entropies[rows] = chunk_entropy
     stats = _finish_rows(loss_kind, counted, target, lse, aux, adv, param0, param1)
     return stats if not entropy else (*stats, torch.where(counted, entropies, 0.0))
 
@@ -126,11 +132,11 @@ def forward_grad(rows3d, labels, aux, adv, out3d, row_scale, *, loss_kind, inv_t
     for (first, chunk), (_, out) in zip(row_chunks(rows3d), row_chunks(out3d), strict=True):
         rows = slice(first, first + chunk.shape[0])
         scaled = _scaled_float32(chunk, inv_temperature, copy=True)
-        lse, target = _chunk_lse_and_target(scaled, safe_labels[rows])
+        lse, chunk_entropy, target = _chunk_lse_and_target(scaled, safe_labels[rows], entropy)
         chunk_stats = _finish_rows(loss_kind, counted[rows], target, lse, aux[rows] if aux.numel() else aux,
                                    adv[rows] if adv.numel() else adv, param0, param1)
         if entropy:
-            chunk_stats = (*chunk_stats, torch.where(counted[rows], _chunk_entropy(scaled), 0.0))
+            chunk_stats = (*chunk_stats, torch.where(counted[rows], chunk_entropy, 0.0))
         for full, part in zip(stats, chunk_stats, strict=True):
             full[rows] = part
         scale = chunk_stats[3] * row_scale * inv_temperature
