@@ -164,3 +164,62 @@ def test_resumed_run_evaluates_as_an_uninterrupted_one_and_training_ignores_eval
         assert (a["reward_mean"], a["kl"], a["loss"]) == (b["reward_mean"], b["kl"], b["loss"])
     train_prompts, held_out = split_prompts(TrainConfig())
     assert len(seen) == 3 * SMALL["rollout_batch_size"] and set(seen) <= set(train_prompts)
+
+
+def test_frontier_reports_the_held_out_figures_and_the_sample_efficiency(tmp_path):
+    from apa_fast.train.frontier import efficiency_points, heldout_figures, write_outputs
+
+    def run_record(algorithm, parameter, value, seed, kl):
+        run = tmp_path / f"{algorithm}{value}_{seed}"
+        run.mkdir()
+        evals = [{"step": step, "prompts_seen": 32 * step, "reward": 0.1 + step / 100, "eval_reward": step / 100 + seed,
+                  "kl": kl * step / 60, "entropy": 5.0, "distinct_2": 0.9} for step in (0, 20, 40, 60)]
+        (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+        return {"algorithm": algorithm, "parameter": parameter, "value": value, "seed": seed, "steps": 60,
+                "reward": 0.5, "reward_std": 0.0, "kl": kl, "kl_std": 0.0, "wall_s": 1.0, **heldout_figures(run, 60)}
+
+    records = [run_record("apa", "apa_lam", lam, seed, kl) for lam, kl in ((0.1, 12.0), (1.0, 1.0))
+               for seed in (0, 1)] + [run_record("ppo", "ppo_kl_coef", 0.05, seed, 9.0) for seed in (0, 1)]
+    assert records[0]["heldout_reward"] == pytest.approx(0.6)  # the evaluation at step 60 (the last quarter)
+    assert records[0]["heldout_curve"] == [[0, 0.0], [640, 0.2], [1280, 0.4], [1920, 0.6]]
+    # The median held-out KL is 9: APA compares at lam 0.1 (12 nats), nearer than lam 1 (1 nat).
+    assert efficiency_points(records) == {("apa", "apa_lam"): 0.1, ("ppo", "ppo_kl_coef"): 0.05}
+    write_outputs(tmp_path, records, "apa-train frontier ...", "test")
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| apa_lam | held-out reward | held-out KL | training reward | training KL |" in table
+    assert "| 0.1 | 1.100 | 12.00 | 0.500 | 12.00 | 0.600, 1.600 |" in table
+    assert "- APA apa_lam=0.1: 0: 0.500, 640: 0.700, 1280: 0.900, 1920: 1.100" in table
+    assert (tmp_path / "frontier.png").stat().st_size and (tmp_path / "efficiency.png").stat().st_size
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_as_one(tmp_path):
+    """Each process evaluates its share of the prompts and the figures are those of the whole set: greedy
+    decoding (the distributed test's fields) makes them independent of the split."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_train_distributed import FIELDS, RUNNER
+
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=os.getcwd())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    fields = [*FIELDS, "eval_every=1", "eval_max_prompts=9"]  # 9 prompts: cut to 8 on two processes
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    for command in (launch + [str(script), str(two), *fields],
+                    [sys.executable, str(script), str(one), *fields[:-1], "eval_max_prompts=8"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(lines(two / "eval.jsonl"), lines(one / "eval.jsonl"), strict=True):
+        assert a["prompts"] == b["prompts"] == 8
+        for key in ("reward", "eval_reward", "kl", "entropy", "distinct_1", "distinct_2", "response_len", "ended"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()

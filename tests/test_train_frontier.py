@@ -97,7 +97,10 @@ def test_frontier_runs_resumes_skips_and_writes_its_outputs(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "frontier.jsonl").read_text().splitlines()]
     assert [(r["algorithm"], r["parameter"], r["value"], r["seed"], r["steps"]) for r in records] == [
         ("apa", "apa_lam", 0.1, 0, 2), ("awr", "awr_lam", 1, 0, 2)]
-    keys = {"algorithm", "parameter", "value", "seed", "steps", "reward", "reward_std", "kl", "kl_std", "wall_s"}
+    keys = {"algorithm", "parameter", "value", "seed", "steps", "reward", "reward_std", "kl", "kl_std", "wall_s",
+            # the held-out evaluations (on by default; tests/test_train_eval.py checks their values)
+            "evaluator", "heldout_reward", "heldout_train_reward", "heldout_kl", "heldout_entropy",
+            "heldout_distinct_2", "heldout_curve"}
     assert all(set(r) == keys and 0 <= r["reward"] <= 1 and r["reward_std"] >= 0 and r["wall_s"] > 0
                for r in records)
     markdown = (out / "frontier.md").read_text()

@@ -51,7 +51,8 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
         return [float("nan") if len(calls) == 3 else 1.0] * len(responses)
 
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        train(small(tmp_path, "nan", max_steps=4, reward=reward_turning_nan))
+        # eval_every 0: the held-out evaluation would call the reward too, and count.
+        train(small(tmp_path, "nan", max_steps=4, reward=reward_turning_nan, eval_every=0))
     run = tmp_path / "nan"
     assert [m["step"] for m in metrics(run)] == [1, 2]
     assert checkpoint.latest_checkpoint(run).name == "step_000002"

@@ -3,7 +3,7 @@
 Layout of ``DIR/checkpoints/step_000050/``::
 
     policy/                 the policy in `save_pretrained` form (safetensors) with its tokenizer
-    critic.safetensors      critic trunk (when not shared) and value head
+    critic.safetensors      critic trunk (when not shared) and value head; none without a critic (group advantages)
     optim_rank{r}.safetensors   this rank's fp32 master weights (its ZeRO partition) and their Adam moments
     rng_rank{r}.safetensors     this rank's torch / CUDA / Python RNG states
     trainer_state.json      step, data position, world size, ZeRO stage, PPO's KL coefficient, the config
@@ -216,7 +216,8 @@ def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, data_posi
         model.policy.save_pretrained(tmp / "policy", state_dict=policy_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "policy")
         critic_state = {k: v.contiguous() for k, v in state.items() if not k.startswith("policy.")}
-        save_file(critic_state, str(tmp / "critic.safetensors"))
+        if critic_state:
+            save_file(critic_state, str(tmp / "critic.safetensors"))
         trainer_state = {"step": step, "data_position": data_position, "world_size": world_size,
                          "zero_stage": zero_stage, "kl_coef": kl_coef, "config": config_dict(cfg)}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -266,8 +267,9 @@ def is_complete(path: Path) -> bool:
         ranks = range(int(state["world_size"]))
     except (OSError, ValueError, TypeError, KeyError):
         return False
-    needed = ["policy/config.json", "critic.safetensors", *(f"{kind}_rank{r}.safetensors" for r in ranks
-                                                              for kind in ("optim", "rng"))]
+    critic = state.get("config", {}).get("advantage_estimator", "gae") == "gae"  # a run with a critic saves it
+    needed = ["policy/config.json", *(["critic.safetensors"] if critic else []),
+              *(f"{kind}_rank{r}.safetensors" for r in ranks for kind in ("optim", "rng"))]
     return (step_of(path) is not None and any((path / "policy").glob("*.safetensors"))
             and all((path / name).is_file() for name in needed))
 
@@ -327,7 +329,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load the checkpoint's policy and critic weights into an `ActorCritic` (before DeepSpeed wraps it)."""
     state, origin = {}, {}  # origin: the file each tensor came from, for the error
     for shard, prefix in [*((f, "policy.") for f in sorted((path / "policy").glob("*.safetensors"))),
-                          (path / "critic.safetensors", "")]:
+                          *([(path / "critic.safetensors", "")] if model.value_head is not None else [])]:
         with _naming(shard):
             tensors = {prefix + k: v for k, v in load_file(str(shard)).items()}
         state.update(tensors)

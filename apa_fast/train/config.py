@@ -22,6 +22,8 @@ import yaml
 
 ALGOS = ("apa", "ppo", "awr")
 LOSS_BACKENDS = ("auto", "triton", "torch")
+ESTIMATORS = ("gae", "group")
+GROUP_ADVANTAGES = ("mean", "grpo", "rloo")
 BUNDLED_PROMPTS = str(Path(__file__).parent / "data" / "hh_tiny.jsonl")
 
 
@@ -68,6 +70,9 @@ class TrainConfig:
     whiten_advantages: bool = True  # over the valid tokens of the whole rollout (all processes)
     loss_backend: str = "auto"  # "auto" | "triton" | "torch": fused or unfused path of the same losses
     fused_lm_head: bool = False  # APA: lm_head fused into the loss and log-probs (apa_fast.linear_loss): no logits
+    advantage_estimator: str = "gae"  # "gae": a critic and apa_fast.gae; "group": no critic, a group baseline
+    samples_per_prompt: int | None = None  # responses sampled per prompt; None: 1 for gae, 4 for group
+    group_advantage: str = "grpo"  # group: "mean" (score - mean), "grpo" (/ group std), "rloo" (leave-one-out)
 
     # --- update ---
     ppo_epochs: int = 2
@@ -78,6 +83,16 @@ class TrainConfig:
     weight_decay: float = 1e-6
     max_grad_norm: float = 1.0
     vf_coef: float = 1.0
+
+    # --- held-out evaluation ---
+    eval_every: int = 20  # evaluate before step 1, every N steps and at the last step; 0: never
+    eval_prompts: str | None = None  # held-out prompts (forms of `dataset`); None: eval_holdout of `dataset`'s
+    eval_split: str = "test"  # split of a hub `eval_prompts` (HH: its test split)
+    eval_holdout: int = 40  # with eval_prompts None: distinct prompts of `dataset` that training never samples
+    eval_max_prompts: int = 256  # the first N held-out prompts are evaluated
+    eval_greedy: bool = False  # greedy decoding; False: sampled as in training (temperature, top_k, top_p)
+    eval_reward: str | Callable | None = "apa_fast.train.rewards:honest_cheer"  # a second evaluator (forms of reward)
+    eval_samples: int = 4  # responses per evaluation written to samples.jsonl
 
     # --- run ---
     deepspeed_config: str | None = None  # JSON file (ZeRO stage, offload, bf16); None: ZeRO-2, no offload
@@ -96,11 +111,21 @@ class TrainConfig:
         for name, (ok, expected) in _RANGES.items():
             if not ok(getattr(self, name)):
                 raise ConfigError(f"config field {name!r} must be {expected}, got {getattr(self, name)!r}", name)
-        if self.rollout_batch_size % self.minibatch_size:
+        if self.sequences_per_step % self.minibatch_size:
             raise ConfigError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                f"minibatch_size ({self.minibatch_size})", "rollout_batch_size"
+                f"rollout_batch_size ({self.rollout_batch_size}) x samples_per_prompt ({self.group_size}) must be "
+                f"a multiple of minibatch_size ({self.minibatch_size})", "rollout_batch_size"
             )
+        if self.advantage_estimator == "group" and self.group_size < 2:
+            raise ConfigError(f"advantage_estimator 'group' needs samples_per_prompt >= 2 (a group baseline of one "
+                              f"response is the response itself), got {self.samples_per_prompt}",
+                              "samples_per_prompt")
+        if self.advantage_estimator == "group" and self.critic is not None:
+            raise ConfigError(f"advantage_estimator 'group' builds no critic, yet critic is {self.critic!r}: set "
+                              "critic null", "critic")
+        if self.eval_every and self.eval_prompts is None and not self.eval_holdout:
+            raise ConfigError("eval_every > 0 needs held-out prompts: set eval_prompts, or eval_holdout >= 1",
+                              "eval_holdout")
         if self.tiny_width % (2 * self.tiny_heads):
             raise ConfigError(f"tiny_width ({self.tiny_width}) must be a multiple of 2 * tiny_heads "
                               f"({self.tiny_heads}): GPT-J rotates pairs of each head's dimensions", "tiny_width")
@@ -112,6 +137,23 @@ class TrainConfig:
     def logprob_temperature(self) -> float:
         """The temperature the sampler used, so that learner log-probs score the sampled distribution."""
         return self.temperature if self.temperature > 0 else 1.0
+
+    @property
+    def group_size(self) -> int:
+        """Responses sampled per prompt: ``samples_per_prompt``, or 1 for gae and 4 for group when None."""
+        if self.samples_per_prompt is not None:
+            return self.samples_per_prompt
+        return 4 if self.advantage_estimator == "group" else 1
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences of one rollout over all processes: ``rollout_batch_size`` prompts x ``group_size``."""
+        return self.rollout_batch_size * self.group_size
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether a critic (trunk or value head) is built, trained and checkpointed: GAE needs one."""
+        return self.advantage_estimator == "gae"
 
 
 class ConfigError(ValueError):
@@ -129,11 +171,15 @@ def _nonempty(value) -> bool:
 # Range of each field, checked after its type: (predicate, what the message says is expected).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("policy", "tokenizer", "critic", "reward", "dataset", "dataset_split", "deepspeed_config",
-                     "output_dir"), (_nonempty, "a non-empty string")),
+                     "output_dir", "eval_prompts", "eval_split", "eval_reward"), (_nonempty, "a non-empty string")),
     "num_layers_unfrozen": (lambda v: v >= -1, ">= -1 (-1: every block trainable)"),
     **dict.fromkeys(("tiny_layers", "tiny_width", "tiny_heads", "max_prompt_tokens", "rollout_batch_size",
                      "max_new_tokens", "minibatch_size", "ppo_epochs", "max_steps", "save_every",
-                     "keep_checkpoints", "ppo_kl_horizon"), (lambda v: v >= 1, ">= 1")),
+                     "keep_checkpoints", "ppo_kl_horizon", "eval_max_prompts"), (lambda v: v >= 1, ">= 1")),
+    **dict.fromkeys(("eval_every", "eval_holdout", "eval_samples"), (lambda v: v >= 0, ">= 0")),
+    "samples_per_prompt": (lambda v: v is None or v >= 1, ">= 1 (None: 1 for gae, 4 for group)"),
+    "advantage_estimator": (lambda v: v in ESTIMATORS, f"one of {ESTIMATORS}"),
+    "group_advantage": (lambda v: v in GROUP_ADVANTAGES, f"one of {GROUP_ADVANTAGES}"),
     "tiny_vocab": (lambda v: v >= 257, ">= 257 (the 256 byte tokens and end-of-text)"),
     "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
     "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
@@ -259,8 +305,9 @@ def read_deepspeed_json(path: str) -> dict:
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The config as JSON-able values (a callable reward is written as its qualified name)."""
     out = dataclasses.asdict(cfg)
-    if callable(cfg.reward):
-        out["reward"] = f"{cfg.reward.__module__}:{cfg.reward.__qualname__}"
+    for name in ("reward", "eval_reward"):
+        if callable(value := getattr(cfg, name)):
+            out[name] = f"{value.__module__}:{value.__qualname__}"
     return out
 
 
@@ -268,7 +315,10 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 # and implementation choices that compute the same maths. Any other change would continue one experiment under
 # another's settings. A new field that does not change what a run learns belongs here.
 RESUME_MAY_CHANGE = ("max_steps", "save_every", "keep_checkpoints", "output_dir", "loss_backend", "fused_lm_head",
-                     "flash_attn")
+                     "flash_attn",
+                     # what the held-out evaluation measures, not what training sees (eval_holdout and
+                     # eval_prompts choose the training prompts too: they may not change)
+                     "eval_every", "eval_max_prompts", "eval_greedy", "eval_reward", "eval_samples", "eval_split")
 
 
 def changed_fields(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -280,7 +330,7 @@ def changed_fields(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
 
 # The fields that name something outside the config, by kind; `check_sources` checks each before any work.
 SOURCE_FIELDS = {"policy": "model", "critic": "model", "tokenizer": "tokenizer", "reward": "reward",
-                 "dataset": "dataset"}
+                 "dataset": "dataset", "eval_reward": "reward", "eval_prompts": "dataset"}
 # A hub repository id (NAME or ORG/NAME): what `from_pretrained` / `load_dataset` read when no local path matches.
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 

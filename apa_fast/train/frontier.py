@@ -284,7 +284,8 @@ def run_point(values: dict, launcher: str | None) -> tuple[str | None, float]:
 # --- results ---
 
 def point_record(point: Point, cfg: TrainConfig) -> dict:
-    """The run's record: reward and KL are means over the last quarter of its steps (std over those steps)."""
+    """The run's record: reward and KL are means over the last quarter of its steps (std over those steps), and
+    the held-out figures (`heldout_figures`) when the run evaluated."""
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     last = rows[-max(len(rows) // 4, 1):]
@@ -292,7 +293,39 @@ def point_record(point: Point, cfg: TrainConfig) -> dict:
     return {"algorithm": point.algorithm, "parameter": point.parameter, "value": point.value, "seed": point.seed,
             "steps": rows[-1]["step"], "reward": statistics.fmean(reward), "reward_std": statistics.pstdev(reward),
             "kl": statistics.fmean(kl), "kl_std": statistics.pstdev(kl),
-            "wall_s": sum(r["gen_s"] + r["update_s"] for r in rows)}
+            "wall_s": sum(r["gen_s"] + r["update_s"] for r in rows),
+            **heldout_figures(Path(cfg.output_dir), rows[-1]["step"])}
+
+
+def heldout_figures(run_dir: Path, steps: int) -> dict:
+    """The run's held-out evaluations (its eval.jsonl; {} without one), averaged over those in the last quarter
+    of its ``steps`` (at least the last): ``heldout_reward`` is the evaluator's (``evaluator`` names it: the
+    training reward's when the run had no separate one), ``heldout_train_reward`` the training reward's; and
+    ``heldout_curve``, ``[prompts_seen, heldout reward]`` of every evaluation (the sample-efficiency curve)."""
+    path = run_dir / "eval.jsonl"
+    evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not evals:
+        return {}
+    judge = "eval_reward" if "eval_reward" in evals[0] else "reward"
+    last = [e for e in evals if e["step"] > steps - max(steps // 4, 1)] or evals[-1:]
+
+    def mean(name: str) -> float:
+        return statistics.fmean(e[name] for e in last)
+
+    return {"evaluator": judge, "heldout_reward": mean(judge), "heldout_train_reward": mean("reward"),
+            "heldout_kl": mean("kl"), "heldout_entropy": mean("entropy"), "heldout_distinct_2": mean("distinct_2"),
+            "heldout_curve": [[e["prompts_seen"], e[judge]] for e in evals]}
+
+
+def efficiency_points(records: list[dict]) -> dict[tuple[str, str], float]:
+    """The value of each curve compared in the sample-efficiency plot: the one whose held-out KL (mean over
+    seeds) is nearest the median held-out KL of all values, so that the curves compare at about equal KL."""
+    by_curve = {key: [(value, statistics.fmean(r["heldout_kl"] for r in runs)) for value, runs in by_value]
+                for key, by_value in curves([r for r in records if "heldout_kl" in r]).items()}
+    if not by_curve:
+        return {}
+    budget = statistics.median(kl for values in by_curve.values() for _, kl in values)
+    return {key: min(values, key=lambda v: abs(v[1] - budget))[0] for key, values in by_curve.items()}
 
 
 def curves(records: list[dict]) -> dict[tuple[str, str], list[tuple[float, list[dict]]]]:
@@ -311,36 +344,79 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def frontier_markdown(records: list[dict], command: str) -> str:
-    """``frontier.md``: one table per algorithm, a row per parameter value, the seeds side by side."""
+    """``frontier.md``: one table per algorithm, a row per parameter value, the seeds side by side; with held-out
+    evaluations, their columns first and the sample-efficiency table."""
+    heldout = all("heldout_reward" in r for r in records)
     lines = ["# Reward-KL frontier", "", f"`{command}`", "",
-             "Reward and KL (to pi_init, nats per sequence) are means over the last quarter of each run's steps; "
-             "the first two columns average the seeds, the last two list them in seed order.", ""]
+             "Reward and KL (to pi_init, nats per sequence) are means over the last quarter of each run's steps "
+             "(training: its rollouts, scored by the training reward"
+             + ("; held-out: its evaluations in that quarter, scored by the evaluator" if heldout else "")
+             + "); the seeds are averaged, then listed in seed order.", ""]
+    columns = [("heldout_reward", "held-out reward", ".3f"), ("heldout_kl", "held-out KL", ".2f")] if heldout else []
+    columns += [("reward", "training reward", ".3f"), ("kl", "training KL", ".2f")]
     for (algorithm, parameter), by_value in curves(records).items():
         lines += [f"## {algorithm.upper()}: {parameter}", "",
-                  f"| {parameter} | reward | KL | reward per seed | KL per seed |", "|---:|---:|---:|---|---|"]
+                  f"| {parameter} | " + " | ".join(title for _, title, _ in columns) + " | "
+                  + " | ".join(f"{title} per seed" for _, title, _ in columns) + " |",
+                  "|---:|" + "---:|" * len(columns) + "---|" * len(columns)]
         for value, runs in by_value:
             runs = sorted(runs, key=lambda r: r["seed"])
-            rewards, kls = [r["reward"] for r in runs], [r["kl"] for r in runs]
-            lines.append(f"| {number(value)} | {statistics.fmean(rewards):.3f} | {statistics.fmean(kls):.2f} | "
-                         + ", ".join(f"{x:.3f}" for x in rewards) + " | " + ", ".join(f"{x:.2f}" for x in kls) + " |")
+            means = [format(statistics.fmean(r[key] for r in runs), spec) for key, _, spec in columns]
+            seeds = [", ".join(format(r[key], spec) for r in runs) for key, _, spec in columns]
+            lines.append(f"| {number(value)} | " + " | ".join(means + seeds) + " |")
+        lines.append("")
+    chosen = efficiency_points(records) if heldout else {}
+    if chosen:
+        lines += ["## Sample efficiency", "",
+                  "Held-out reward (mean over seeds) after each number of prompts, at each curve's value whose "
+                  "held-out KL is nearest the median of all values' (`efficiency.png`).", ""]
+        for (algorithm, parameter), value in chosen.items():
+            runs = [r for r in records if (r["algorithm"], r["parameter"], r["value"]) == (algorithm, parameter,
+                                                                                        value)]
+            points = _mean_curve(runs)
+            lines.append(f"- {algorithm.upper()} {parameter}={number(value)}: "
+                         + ", ".join(f"{seen:g}: {reward:.3f}" for seen, reward, _, _ in points))
         lines.append("")
     return "\n".join(lines)
 
 
+def _mean_curve(runs: list[dict]) -> list[tuple[float, float, float, float]]:
+    """``(prompts_seen, mean, min, max)`` over the seeds' held-out curves, at the evaluations they all have."""
+    by_seen: dict[float, list[float]] = {}
+    for run in runs:
+        for seen, reward in run["heldout_curve"]:
+            by_seen.setdefault(seen, []).append(reward)
+    return [(seen, statistics.fmean(v), min(v), max(v)) for seen, v in sorted(by_seen.items()) if len(v) == len(runs)]
+
+
 def plot_frontier(records: list[dict], path: Path, title: str) -> None:
     """``frontier.png``: reward against KL, a curve per algorithm through its values (labelled), the marker at
-    the seeds' mean and the error bars spanning the seeds' minimum to maximum on both axes."""
+    the seeds' mean and the error bars spanning the seeds' minimum to maximum on both axes. With held-out
+    evaluations: the evaluator's reward against the held-out KL on the left, the training figures on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    panels = [("heldout_kl", "heldout_reward", "held-out: evaluator's reward")] if all(
+        "heldout_reward" in r for r in records) else []
+    panels.append(("kl", "reward", "training rollouts: training reward"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False)
+    for ax, (x_key, y_key, name) in zip(axes[0], panels, strict=True):
+        _frontier_panel(ax, records, x_key, y_key)
+        ax.set_title(f"{name}\n{title}" if len(panels) > 1 else title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _frontier_panel(ax, records: list[dict], x_key: str, y_key: str) -> None:
+    """One reward-KL panel of `plot_frontier`: ``y_key`` against ``x_key`` of the records."""
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     for index, ((algorithm, parameter), by_value) in enumerate(curves(records).items()):
         xs, ys, xerr, yerr = [], [], [[], []], [[], []]
         for value, runs in by_value:
-            kl, reward = [r["kl"] for r in runs], [r["reward"] for r in runs]
+            kl, reward = [r[x_key] for r in runs], [r[y_key] for r in runs]
             xs.append(statistics.fmean(kl))
             ys.append(statistics.fmean(reward))
             xerr[0].append(xs[-1] - min(kl))
@@ -352,17 +428,45 @@ def plot_frontier(records: list[dict], path: Path, title: str) -> None:
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=COLORS.get(algorithm),
                     linestyle=("-", "--", ":")[index % 3], label=f"{algorithm.upper()} ({parameter})")
     # KL spans decades: a log axis, symmetric-log when an estimate near 0 came out negative (it is a sample mean).
-    if min(r["kl"] for r in records) > 0:
+    if min(r[x_key] for r in records) > 0:
         ax.set_xscale("log")
     else:
         ax.set_xscale("symlog", linthresh=1.0)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("KL to pi_init (nats per sequence)   [up and to the left is better]")
     ax.set_ylabel("reward")
-    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+
+
+def plot_efficiency(records: list[dict], path: Path, title: str) -> None:
+    """``efficiency.png``: the held-out reward against prompts seen, a line per curve at its `efficiency_points`
+    value (mean over seeds, the band spanning their minimum to maximum)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for index, ((algorithm, parameter), value) in enumerate(efficiency_points(records).items()):
+        runs = [r for r in records if (r["algorithm"], r["parameter"], r["value"]) == (algorithm, parameter, value)]
+        seen, mean, low, high = zip(*_mean_curve(runs), strict=True)
+        ax.plot(seen, mean, marker="o", color=COLORS.get(algorithm), linestyle=("-", "--", ":")[index % 3],
+                label=f"{algorithm.upper()} {parameter}={number(value)} "
+                      f"(held-out KL {statistics.fmean(r['heldout_kl'] for r in runs):.2g})")
+        ax.fill_between(seen, low, high, color=COLORS.get(algorithm), alpha=0.15)
+    ax.set_xlabel("prompts seen in training")
+    ax.set_ylabel(f"held-out reward ({next(r['evaluator'] for r in records if 'evaluator' in r)})")
+    ax.set_title(f"Sample efficiency at about equal held-out KL\n{title}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -376,6 +480,8 @@ def write_outputs(out: Path, records: list[dict], command: str, title: str) -> N
 
     if plotting_available():
         plot_frontier(records, out / "frontier.png", title)
+        if efficiency_points(records):
+            plot_efficiency(records, out / "efficiency.png", title)
 
 
 # --- the command ---

@@ -99,27 +99,31 @@ class ActorCritic(nn.Module):
 
     The value head is the 2-layer MLP of the APA authors' critic. With ``critic_trunk=None`` it reads the
     policy's own last hidden states (one forward for both); otherwise a separate trunk, usually a copy of the
-    policy's initial trunk.
+    policy's initial trunk. ``critic=False`` builds neither (the group advantage estimator): only the policy.
     """
 
-    def __init__(self, policy: nn.Module, critic_trunk: nn.Module | None):
+    def __init__(self, policy: nn.Module, critic_trunk: nn.Module | None, critic: bool = True):
         super().__init__()
         width = policy.config.hidden_size
-        self.policy, self.critic_trunk = policy, critic_trunk
-        self.value_head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 1))
-        self.value_head.to(next(policy.parameters()).dtype)
+        self.policy, self.critic_trunk, self.value_head = policy, critic_trunk if critic else None, None
+        if critic:
+            self.value_head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 1))
+            self.value_head.to(next(policy.parameters()).dtype)
 
     @property
     def lm_head(self) -> nn.Module:
         return self.policy.get_output_embeddings()
 
     def forward(self, input_ids, attention_mask, position_ids):
-        """``(hidden, values)``: the policy's last hidden states ``(B, L, H)`` and float32 values ``(B, L)``.
+        """``(hidden, values)``: the policy's last hidden states ``(B, L, H)`` and float32 values ``(B, L)``
+        (None without a critic).
 
         The logits are left to the caller, who needs them at the response positions only.
         """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         hidden = self.policy.base_model(**inputs).last_hidden_state
+        if self.value_head is None:
+            return hidden, None
         critic_hidden = hidden if self.critic_trunk is None else self.critic_trunk(**inputs).last_hidden_state
         return hidden, self.value_head(critic_hidden).squeeze(-1).float()
 
@@ -130,14 +134,14 @@ def build_models(cfg: TrainConfig, tokenizer, device: torch.device, dtype: torch
 
     policy = load_policy(cfg, tokenizer, dtype)
     pi_init = copy.deepcopy(policy).eval().requires_grad_(False)
-    if cfg.critic_shares_trunk:
+    if cfg.critic_shares_trunk or not cfg.has_critic:
         critic_trunk = None
     elif cfg.critic is None:
         critic_trunk = copy.deepcopy(policy.base_model)
     else:
         critic_trunk = AutoModel.from_pretrained(cfg.critic, dtype=dtype, use_safetensors=True,
                                                  **_attention_kwargs(cfg))
-    model = ActorCritic(policy, critic_trunk)
+    model = ActorCritic(policy, critic_trunk, critic=cfg.has_critic)
     disable_dropout(model)
     disable_dropout(pi_init)
     freeze_bottom_layers(policy, cfg.num_layers_unfrozen)

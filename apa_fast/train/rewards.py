@@ -29,6 +29,26 @@ def cheerful_words(prompts: list[str], responses: list[str]) -> list[float]:
     ]
 
 
+def honest_cheer(prompts: list[str], responses: list[str]) -> list[float]:
+    """The tiny default's held-out evaluator in [0, 1]: `cheerful_words` without what can be gamed.
+
+    Each cheerful word counts once however often it repeats (repetition earns nothing), and the score is
+    scaled by ``min(1, 2 * (other words + 1) / words)``: cheerful words stacked with nothing said (padding)
+    earn less ("sure happy thanks glad great help" 1/3 of its 1.0), while an answer that opens with one, as
+    honest ones do, keeps its score. On the bundled dialogues' honest answers, whole or cut at any character,
+    it equals `cheerful_words`; where the two part, the policy games the training reward.
+    """
+    out = []
+    for response in responses:
+        text = response.lower()
+        words = re.findall(r"[a-z']+", text)
+        cheerful = sum(any(word in w for word in CHEERFUL) for w in words)
+        content = min(1.0, 2.0 * (len(words) - cheerful + 1) / max(len(words), 1))
+        distinct = sum(word in text for word in CHEERFUL)
+        out.append(min(distinct, CHEERFUL_SATURATION) / CHEERFUL_SATURATION * content)
+    return out
+
+
 class ClassifierReward:
     """An `AutoModelForSequenceClassification` scoring ``prompt + response`` texts by its first logit."""
 

@@ -12,6 +12,7 @@ import torch
 
 import apa_fast
 
+from .advantages import group_advantages
 from .config import TrainConfig
 from .data import left_pad
 from .models import position_ids
@@ -27,10 +28,10 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) bool: response tokens up to and including the end-of-text token
     logprobs: torch.Tensor  # (B, R) float32: the sampling policy's
     ref_logprobs: torch.Tensor  # (B, R) float32: pi_init's
-    values: torch.Tensor  # (B, R) float32: the critic's at sampling time
+    values: torch.Tensor  # (B, R) float32: the critic's at sampling time (0 without a critic)
     rewards: torch.Tensor  # (B, R) float32: the score on the last response token (+ PPO's KL penalty)
     advantages: torch.Tensor  # (B, R) float32, whitened when configured
-    returns: torch.Tensor  # (B, R) float32: unwhitened advantages + values
+    returns: torch.Tensor  # (B, R) float32: unwhitened advantages + values (0 without a critic)
     scores: torch.Tensor  # (B,) float32: the reward function's
 
     @property
@@ -84,14 +85,33 @@ def place_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return rewards * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(values - mean) / std`` over the masked-in entries of all processes (0 elsewhere)."""
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, center: bool = True) -> torch.Tensor:
+    """``(values - mean) / std`` over the masked-in entries of all processes (0 elsewhere); ``center=False``
+    only divides by the std (group advantages: their zero is each group's baseline, kept)."""
     weights = mask.double()
     stats = torch.stack([(values * weights).sum(), (values.square() * weights).sum(), weights.sum()])
     total, total_sq, count = all_reduce_sum(stats.double()).tolist()
     mean = total / max(count, 1.0)
     var = max(total_sq / max(count, 1.0) - mean * mean, 0.0)
-    return (values - mean) * (var + eps) ** -0.5 * mask
+    return (values - (mean if center else 0.0)) * (var + eps) ** -0.5 * mask
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, returns)``, both ``(B, R)`` float32, 0 outside ``mask``.
+
+    GAE: `apa_fast.gae` with the critic's ``values``. Group (no critic): each row's return (the sum of its
+    rewards: the score, and PPO's KL penalty) against its group's (`group_advantages`), the same on every token
+    of the row; returns are 0 (no critic fits them). Whitened over all processes when configured.
+    """
+    if cfg.has_critic:
+        advantages, returns = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
+    else:
+        per_row = group_advantages(rewards.sum(-1), cfg.group_size, cfg.group_advantage).to(mask.device)
+        advantages, returns = per_row[:, None] * mask, torch.zeros_like(rewards)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask, center=cfg.has_critic)
+    return advantages * mask, returns * mask
 
 
 def response_hidden(lm, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
@@ -160,11 +180,13 @@ class KLController:
 @torch.no_grad()
 def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts: list[list[int]],
                  cfg: TrainConfig, synced_gpus: bool = False, kl_coef: float | None = None) -> Rollout:
-    """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages.
+    """Sample ``cfg.group_size`` responses per prompt (consecutive rows), score them, and compute log-probs,
+    values (with a critic), rewards and advantages.
 
     ``kl_coef``: PPO's KL penalty coefficient for this rollout (the `KLController`'s); None: ``cfg.ppo_kl_coef``.
     """
     device = next(actor_critic.parameters()).device
+    prompts = [prompt for prompt in prompts for _ in range(cfg.group_size)]
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
     response = sample(actor_critic.policy, prompt_ids, prompt_mask, tokenizer, cfg, synced_gpus)
     mask = response_mask(response, tokenizer, cfg.stop)
@@ -175,7 +197,7 @@ def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts:
 
     hidden, values = actor_critic(input_ids, attention_mask, position_ids(attention_mask))
     logprobs = token_logprobs(cfg, actor_critic.lm_head, hidden[:, prompt_len - 1 : -1], labels, actor_critic)
-    values = values[:, prompt_len - 1 : -1] * mask
+    values = torch.zeros_like(logprobs) if values is None else values[:, prompt_len - 1 : -1] * mask
     ref_hidden = response_hidden(pi_init, input_ids, attention_mask, prompt_len)
     ref_logprobs = token_logprobs(cfg, pi_init.get_output_embeddings(), ref_hidden, labels)
 
@@ -186,8 +208,6 @@ def make_rollout(actor_critic, pi_init, reward_fn: RewardFn, tokenizer, prompts:
     if cfg.algo == "ppo":  # PPO's per-token KL penalty; APA's anchor is in its loss instead
         coef = cfg.ppo_kl_coef if kl_coef is None else kl_coef
         rewards = rewards - coef * (logprobs - ref_logprobs) * mask
-    advantages, returns = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return Rollout(input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rewards,
-                   advantages * mask, returns * mask, scores)
+    advantages, returns = advantages_and_returns(rewards, values, mask, cfg)
+    return Rollout(input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rewards, advantages, returns,
+                   scores)

@@ -31,7 +31,8 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, changed_fields, check_sources, read_deepspeed_json
-from .data import PromptStream, load_prompts, tokenize_prompts
+from .data import PromptStream, tokenize_prompts
+from .evaluate import EVAL_FILE, SAMPLES_FILE, Evaluator, eval_due, eval_line, split_prompts, write_evaluation
 from .models import build_models, load_tokenizer
 from .rewards import load_reward
 from .rollout import KLController, Rollout, all_reduce_sum, make_rollout
@@ -90,7 +91,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
 
 def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: float, update_s: float,
                  kl_coef: float | None) -> dict:
-    """The metrics of one step over all processes (one all-reduce); ``kl_coef``: PPO's, None for the others."""
+    """The metrics of one step over all processes (one all-reduce); ``kl_coef``: PPO's, None for the others;
+    ``losses``: `train_on_rollout`'s (no ``value_loss`` without a critic)."""
     mask = rollout.response_mask
     kl_per_sequence = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)
     local = torch.stack([rollout.scores.sum(), rollout.scores.square().sum(), kl_per_sequence.sum(),
@@ -100,7 +102,7 @@ def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: fl
     return {
         "step": step, "reward_mean": reward_mean,
         "reward_std": max(score_sq / rows - reward_mean**2, 0.0) ** 0.5,
-        "kl": kl_sum / rows, "loss": losses["loss"], "value_loss": losses["value_loss"],
+        "kl": kl_sum / rows, **losses,
         "response_len": tokens / rows, "tokens_per_s": tokens / (gen_s + update_s), "lr": lr,
         "gen_s": gen_s, "update_s": update_s, **({} if kl_coef is None else {"kl_coef": kl_coef}),
     }
@@ -108,25 +110,49 @@ def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: fl
 
 def log_line(m: dict, max_steps: int) -> str:
     return (f"step {m['step']}/{max_steps} | reward {m['reward_mean']:.3f} | kl {m['kl']:.3f} | "
-            f"loss {m['loss']:.4f} | value {m['value_loss']:.4f} | gen {m['gen_s']:.2f}s | "
+            f"loss {m['loss']:.4f} | " + (f"value {m['value_loss']:.4f} | " if "value_loss" in m else "")
+            + f"gen {m['gen_s']:.2f}s | "
             f"update {m['update_s']:.2f}s | {m['tokens_per_s']:.0f} tok/s")
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """``curves.png``: reward and KL to pi_init against step, from every line of metrics.jsonl."""
+def plot_curves(metrics_path: Path, out_path: Path, eval_path: Path | None = None) -> None:
+    """``curves.png``: reward and KL to pi_init against step, from every line of metrics.jsonl; with the lines
+    of eval.jsonl, the held-out rewards and KL beside them and a third panel of the collapse signals
+    (entropy, distinct-1/2)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    evals = ([json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
+             if eval_path is not None and eval_path.is_file() else [])
     steps = [r["step"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(6, 5))
-    top.plot(steps, [r["reward_mean"] for r in rows])
+    fig, axes = plt.subplots(3 if evals else 2, 1, sharex=True, figsize=(6, 7.5 if evals else 5))
+    top, bottom = axes[:2]
+    top.plot(steps, [r["reward_mean"] for r in rows], label="training rollouts")
     top.set_ylabel("reward (mean)")
-    bottom.plot(steps, [r["kl"] for r in rows], color="tab:red")
+    bottom.plot(steps, [r["kl"] for r in rows], color="tab:red", label="training rollouts")
     bottom.set_ylabel("KL to pi_init (nats / seq)")
-    bottom.set_xlabel("step")
+    if evals:
+        at = [e["step"] for e in evals]
+        top.plot(at, [e["reward"] for e in evals], "o-", label="held-out: training reward")
+        if "eval_reward" in evals[0]:
+            top.plot(at, [e["eval_reward"] for e in evals], "s-", label="held-out: evaluator")
+        bottom.plot(at, [e["kl"] for e in evals], "o-", color="tab:purple", label="held-out")
+        signals = axes[2]
+        signals.plot(at, [e["entropy"] for e in evals], "o-", color="tab:green", label="entropy (nats / token)")
+        signals.set_ylabel("entropy (nats / token)")
+        share = signals.twinx()
+        for name, style in (("distinct_1", "^--"), ("distinct_2", "v--")):
+            share.plot(at, [e[name] for e in evals], style, color="tab:gray", label=name.replace("_", "-"))
+        share.set_ylabel("distinct-n (held-out)")
+        share.set_ylim(0, 1.05)
+        signals.legend(loc="lower left", fontsize=8)
+        share.legend(loc="lower right", fontsize=8)
+        top.legend(fontsize=8)
+        bottom.legend(fontsize=8)
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
@@ -243,7 +269,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> list[dict]:
         print("apa-train: warning: matplotlib is not installed, curves.png will not be written "
               "(pip install 'apa_fast[train]')")
 
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split)
+    prompts, held_out = split_prompts(cfg)  # training never samples the held-out prompts
     tokenizer = load_tokenizer(cfg, prompts)
     stream = PromptStream(tokenize_prompts(prompts, tokenizer, cfg.max_prompt_tokens), cfg.seed)
     bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -251,6 +277,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> list[dict]:
     torch.manual_seed(cfg.seed)  # the same initial weights (value head included) on every rank
     model, pi_init = build_models(cfg, tokenizer, device, dtype)
     reward_fn = load_reward(cfg.reward, device, dtype)
+    evaluate = None
+    if cfg.eval_every:
+        eval_reward_fn = None if cfg.eval_reward is None else load_reward(cfg.eval_reward, device, dtype)
+        evaluate = Evaluator(cfg, held_out, tokenizer, reward_fn, eval_reward_fn, rank, world_size)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses; restored on resume
     random.seed(cfg.seed + rank)
 
@@ -267,39 +297,54 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> list[dict]:
 
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        torn = truncate_metrics(metrics_path, start_step)
-        if torn:
-            print(f"apa-train: {torn}")
+        for path in (metrics_path, out / EVAL_FILE, out / SAMPLES_FILE):  # what ran after the checkpoint
+            torn = truncate_metrics(path, start_step)
+            if torn:
+                print(f"apa-train: {torn}")
         print(f"apa-train: {cfg.algo} on {world_size} x {device.type}, ZeRO-{zero_stage}, "
               f"{'bf16' if bf16 else 'fp32'}, steps {start_step + 1}..{cfg.max_steps} -> {out}")
+    synced_gpus = zero_stage == 3 and world_size > 1
+
+    def evaluate_after(step: int) -> None:
+        """The held-out evaluation after ``step``, if one is due: every rank runs it, rank 0 writes it."""
+        if evaluate is None or not eval_due(cfg, step):
+            return
+        record, samples = evaluate(engine.module.policy, pi_init, step, synced_gpus)
+        if rank == 0:
+            write_evaluation(out, record, samples)
+            bar.write(eval_line(record, cfg.max_steps))
+
     history = []
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps,
                disable=rank != 0, dynamic_ncols=True)
+    if start_step == 0:
+        evaluate_after(0)  # the initial policy's figures: every curve's origin
     for step in bar:
         tick = time.perf_counter()
         rollout = make_rollout(model, pi_init, reward_fn, tokenizer, stream.take(cfg.rollout_batch_size, rank,
-                               world_size), cfg, synced_gpus=zero_stage == 3 and world_size > 1,
+                               world_size), cfg, synced_gpus=synced_gpus,
                                kl_coef=kl_control.value)
         tock = time.perf_counter()
         lr = set_lr(engine, cfg, step)
         losses = train_on_rollout(engine, rollout, cfg, step, world_size)
         metrics = step_metrics(step, rollout, losses, lr, tock - tick, time.perf_counter() - tock,
                                kl_control.value if cfg.algo == "ppo" else None)
-        kl_control.update(metrics["kl"], cfg.rollout_batch_size)
+        kl_control.update(metrics["kl"], cfg.sequences_per_step)
         history.append(metrics)
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             bar.write(log_line(metrics, cfg.max_steps))
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+        evaluate_after(step)  # before the checkpoint: a resumed run redoes the evaluations after it, no others
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(out, step, engine, tokenizer, stream.position, cfg, rank, world_size, zero_stage,
                             kl_control.value)
     bar.close()
     if rank == 0 and metrics_path.is_file():
         if plotting:
-            plot_curves(metrics_path, out / "curves.png")
+            plot_curves(metrics_path, out / "curves.png", out / EVAL_FILE)
         print(f"apa-train: {summary(metrics_path)}; this run {time.perf_counter() - started:.1f}s"
               + (f"; curves in {out / 'curves.png'}" if plotting else ""))
     return history

@@ -53,8 +53,11 @@ def lm_head_gathered(cfg: TrainConfig, model):
     return apa_fast.zero3.gathered(model.lm_head.weight, model.lm_head.bias, model=model)
 
 
-def value_loss(values: torch.Tensor, batch: Rollout) -> torch.Tensor:
-    """Sum over response tokens of ``0.5 * (V - returns)^2`` (unclipped, as the APA authors ran it)."""
+def value_loss(values: torch.Tensor | None, batch: Rollout) -> torch.Tensor:
+    """Sum over response tokens of ``0.5 * (V - returns)^2`` (unclipped, as the APA authors ran it); 0 without a
+    critic (``values`` None)."""
+    if values is None:
+        return torch.zeros((), device=batch.returns.device)
     return 0.5 * ((values - batch.returns).square() * batch.response_mask).sum()
 
 
@@ -67,7 +70,8 @@ def set_lr(engine, cfg: TrainConfig, step: int) -> float:
 
 
 def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, world_size: int) -> dict:
-    """Run the update of ``step``; returns the global mean policy and value losses per minibatch."""
+    """Run the update of ``step``; returns the global mean policy loss per minibatch, and the value loss's with a
+    critic."""
     model = engine.module
     model.train()
     rows = rollout.input_ids.shape[0]
@@ -85,7 +89,7 @@ def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, worl
             response = slice(prompt_len - 1, -1)
             with lm_head_gathered(cfg, model):
                 pg_loss = policy_loss(cfg, model, hidden[:, response], batch) * scale
-                vf_loss = value_loss(values[:, response], batch) * scale
+                vf_loss = value_loss(None if values is None else values[:, response], batch) * scale
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 finite = all_reduce_sum(torch.isfinite(loss.detach()).float().cpu()).item() == world_size
                 if not finite:
@@ -98,4 +102,5 @@ def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, worl
             totals += torch.tensor([pg_loss.item(), vf_loss.item()], dtype=torch.float64) / world_size
     totals = all_reduce_sum(totals)
     minibatches = cfg.ppo_epochs * -(-rows // local_minibatch)
-    return {"loss": totals[0].item() / minibatches, "value_loss": totals[1].item() / minibatches}
+    losses = {"loss": totals[0].item() / minibatches, "value_loss": totals[1].item() / minibatches}
+    return losses if cfg.has_critic else {"loss": losses["loss"]}
