@@ -38,7 +38,7 @@ from torch.autograd import forward_ad
 
 from . import _dispatch, torch_backend
 from .kinds import APA, AWR, ENTROPY_COEF, HYPER_RANGES, LOGPROB, PPO, LossKind
-from .rows import as_rows3d, denominator, needs_copy, reduce_rows, writable_in_place
+from .rows import as_rows3d, denominator, gradient_buffer, needs_copy, reduce_rows, writable_in_place
 from .validation import (
     TEMPERATURE,
     check_float_rows,
@@ -102,19 +102,20 @@ def _backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, 
                  inv_temperature: float, backend: str, entropy: torch.Tensor | None = None,
                  entropy_grad: torch.Tensor | None = None) -> torch.Tensor:
     """``dlogits`` of ``sum(row_grad * logp + entropy_grad * entropy)`` (the entropy term when both are given:
-    the forward's entropy and its upstream gradient), a new tensor of the logits' shape and dtype (contiguous)."""
+    the forward's entropy and its upstream gradient), a new tensor of the logits' shape and dtype (rows laid out
+    as `gradient_buffer` lays them)."""
     rows3d = as_rows3d(logits)
-    out3d = torch.empty(rows3d.shape, dtype=logits.dtype, device=logits.device)
+    out3d = gradient_buffer(rows3d)
     with device_guard(logits.device):
         implementation(backend).backward(rows3d, labels, lse, row_grad, out3d, inv_temperature=inv_temperature,
                                          entropy=entropy, entropy_grad=entropy_grad)
-    # Rows enumerate the leading dimensions in order, so the contiguous buffer views back as logits.shape.
+    # Rows enumerate the leading dimensions in order, so the buffer views back as logits.shape.
     return out3d.view(logits.shape)
 
 
 @_backward_op.register_fake
 def _(logits, labels, lse, row_grad, inv_temperature, backend, entropy=None, entropy_grad=None):
-    return logits.new_empty(logits.shape)
+    return gradient_buffer(as_rows3d(logits)).view(logits.shape)
 
 
 @torch.library.custom_op("apa_fast::logprob_backward_", mutates_args=("logits",))
@@ -137,7 +138,7 @@ def _loss_and_grad_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Ten
     entropy) in one pass. With ``entropy`` the loss is the kind's minus ``entropy_coef`` times the same reduction
     of the entropy; without, the entropy output is empty."""
     rows3d = as_rows3d(logits)
-    out3d = torch.empty(rows3d.shape, dtype=logits.dtype, device=logits.device)
+    out3d = gradient_buffer(rows3d)
     row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
     row_scale = row_scale / denom if reduction == "mean" else row_scale
     with device_guard(logits.device):
@@ -154,7 +155,7 @@ def _loss_and_grad_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Ten
 @_loss_and_grad_op.register_fake
 def _(logits, labels, aux, adv, denom, kind, inv_temperature, param0, param1, reduction, backend, entropy_coef=0.0,
       entropy=False):
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape),
+    return (logits.new_empty((), dtype=torch.float32), gradient_buffer(as_rows3d(logits)).view(logits.shape),
             labels.new_empty((labels.shape[0] if entropy else 0,), dtype=torch.float32))
 
 

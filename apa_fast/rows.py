@@ -45,6 +45,26 @@ def as_rows3d(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_strided((outer, inner, tensor.shape[-1]), (stride_outer, stride_inner, tensor.stride(-1)))
 
 
+def gradient_buffer(rows3d: torch.Tensor) -> torch.Tensor:
+    """A new tensor of ``rows3d``'s ``(outer, inner, V)`` shape and dtype, for its gradient, whose rows start at the
+    same offsets from a 16-byte boundary as ``rows3d``'s rows (when ``rows3d`` starts 16-byte aligned, as a slice
+    such as ``logits[:, :-1]`` does): the kernels' aligned vector loads of a row and stores of its gradient then
+    cover the same columns, whatever V (`apa_fast.kernels.logprob._grad_vector`).
+
+    Its strides are the contiguous ones padded by less than 16 bytes a row to ``rows3d``'s row strides modulo 16
+    bytes: contiguous for contiguous logits; for ``logits[:, :-1]`` of a ``(B, T, V)`` buffer, ``V mod 8`` bf16
+    columns of padding per sequence. They depend on the shape and strides only (fake kernels give the same).
+    """
+    outer, inner, vocab = rows3d.shape
+    vec = 16 // rows3d.element_size()
+    if rows3d.stride(2) != 1 and vocab != 1:  # strided rows: no vector accesses to line up
+        return torch.empty(rows3d.shape, dtype=rows3d.dtype, device=rows3d.device)
+    stride_inner = vocab + (rows3d.stride(1) - vocab) % vec if inner > 1 else vocab
+    stride_outer = inner * stride_inner + ((rows3d.stride(0) - inner * stride_inner) % vec if outer > 1 else 0)
+    return torch.empty_strided(rows3d.shape, (stride_outer, stride_inner, 1), dtype=rows3d.dtype,
+                               device=rows3d.device)
+
+
 def writable_in_place(tensor: torch.Tensor) -> bool:
     """True when every element of ``tensor`` has its own memory location (no stride-0 or overlapping dims).
 

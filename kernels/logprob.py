@@ -9,14 +9,22 @@ from `apa_fast.kinds.KINDS`), three passes:
   sampled token's logit and runs the epilogue. It writes four float32 numbers
   per row: the log-prob, the log-sum-exp, the per-token loss and ``d loss / d logp``. Nothing of size
   ``[rows x vocab]`` is written.
-* ``_logprob_bwd_kernel`` (pass "backward"): a 2-D grid (rows x vocabulary blocks). Each program reads one
-  block of logits once, rebuilds the softmax from the saved log-sum-exp and writes
-  ``dlogits = g_row * (onehot(label) - softmax) / temperature`` in the logits' dtype, optionally into the
-  logits buffer itself.
+* ``_logprob_bwd_kernel`` (pass "backward"): one program per row reads the row once, rebuilds the softmax from
+  the saved log-sum-exp and writes ``dlogits = g_row * (onehot(label) - softmax) / temperature`` in the logits'
+  dtype, optionally into the logits buffer itself (the gradient loop `_row_gradient`, shared with
+  "forward_grad").
 * ``_logprob_fwd_grad_kernel`` (pass "forward_grad", training mode): the forward's row pass, then, in the
   same program, a second pass over the row that re-reads it (from L2: a persistent grid keeps few rows in
   flight, see `grad_programs`) and writes ``dlogits`` for a known upstream scale. DRAM traffic: the logits
   read once and the gradient written once, instead of the logits read twice by the two-kernel path.
+
+Full-width accesses at every V: each row's loop runs over its body, the columns from its first 16-byte boundary
+in whole 16-byte vectors (`_row_parts`; the start hinted aligned, the mask constant over each vector), so that
+its loads and stores are 128-bit whatever V and wherever the row starts (a row of odd V in a contiguous
+``(N, V)`` tensor starts at another offset from a boundary than the row before it). The head before that
+boundary and the tail after the last whole vector, fewer than 8 bf16 columns each, are one small tile after the
+loop (`_row_edges`). The stores are vectors where the gradient rows start at the logits rows' offsets (in place,
+or the ops' `apa_fast.rows.gradient_buffer`), else scalar (`_grad_vector`).
 
 Row addressing: the leading dimensions of ``logits (..., V)`` are collapsed by the host into at most two
 (outer, inner) with their own strides, so slices such as ``logits[:, :-1]`` need no copy. A row whose
@@ -47,6 +55,7 @@ import triton
 import triton.language as tl
 
 from ..kinds import APA, AWR, KINDS, LOGPROB, PPO
+from ..rows import gradient_buffer
 
 # Epilogue selectors (the LOSS constexpr): the registry's ids. Kernels may read module globals only when
 # they are constexpr.
@@ -115,24 +124,61 @@ def _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner):
 
 
 @triton.jit
-def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                    ENTROPY: tl.constexpr):
-    """(log2(sum(exp2(x * scale2))), entropy) over the row's columns ``[0, read_to)`` (``read_to`` is ``vocab``
-    or 0). The entropy (natural log, 0 for a row with no finite column) only when ``ENTROPY``, else 0.
+def _row_parts(base, vocab, VEC: tl.constexpr):
+    """(head, body) of the row starting at ``base``: its first ``head`` columns lie before the first 16-byte
+    boundary, the next ``body`` columns (a multiple of ``VEC``) are whole 16-byte vectors, and the tail, columns
+    ``[head + body, vocab)``, is shorter than ``VEC``. ``VEC`` is 1 for a strided row (head 0, body ``vocab``).
 
-    A block is read as ``(BLOCK_V // VEC, VEC)`` groups of ``VEC`` adjacent columns (16 bytes: one vector
-    load, held by one thread). Each group keeps its own running maximum ``m`` and sum ``s`` (relative to
-    ``m``) across the loop, so the per-block maximum and sum are reductions inside a thread, and the groups
-    are combined once at the end: no cross-thread reduction, hence no barrier, inside the loop. The maximum
-    is taken on the raw logits and scaled after (``scale2 > 0`` commutes with max), and ``exp2`` is fed
-    ``fma(x, scale2, -m)``: about one exponential and four arithmetic instructions per logit.
+    The misalignment is the row's own: a row of odd V in a contiguous ``(N, V)`` tensor starts at another offset
+    from a 16-byte boundary than the row before it. ``base`` is a multiple of the element size (torch's).
     """
+    elsize: tl.constexpr = base.dtype.element_ty.primitive_bitwidth // 8
+    head = ((VEC - (base.to(tl.int64) // elsize) % VEC) % VEC).to(tl.int32)
+    head = tl.minimum(head, vocab)
+    return head, (vocab - head) // VEC * VEC
+
+
+@triton.jit
+def _body_base(base, head, stride_v, VEC: tl.constexpr):
+    """The pointer to the row's column ``head``, with the alignment hint the compiler cannot infer (the row start is
+    a runtime value): ``VEC`` elements, i.e. 16 bytes for a contiguous row, so that the body loads and stores are
+    128-bit whatever V and the row's offset."""
+    elsize: tl.constexpr = base.dtype.element_ty.primitive_bitwidth // 8
+    return tl.multiple_of(base + head * stride_v, VEC * elsize)
+
+
+@triton.jit
+def _row_edges(head, body, limit, VEC: tl.constexpr):
+    """The head's and the tail's columns as one ``(2 * VEC,)`` tile: (columns, whether each is below ``limit``, the
+    vocabulary, or 0 for a row that reads nothing; an integer bound rather than a boolean, which the interpreter
+    cannot broadcast into a mask)."""
+    k = tl.arange(0, 2 * VEC)
+    cols = tl.where(k < VEC, k, head + body + k - VEC)
+    return cols, (k < tl.minimum(head, limit)) | ((k >= VEC) & (cols < limit))  # head < VEC
+
+
+@triton.jit
+def _row_logsumexp2(base, stride_v, counted, vocab, scale2, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                    ENTROPY: tl.constexpr):
+    """(log2(sum(exp2(x * scale2))), entropy) over the row's columns (none when not ``counted``: -inf and 0). The
+    entropy (natural log, 0 for a row with no finite column) only when ``ENTROPY``, else 0.
+
+    The loop runs over the row's body (`_row_parts`) in blocks read as ``(BLOCK_V // VEC, VEC)`` groups of ``VEC``
+    adjacent columns (16 bytes: one aligned vector load, held by one thread; its mask is constant over the group).
+    Each group keeps its own running maximum ``m`` and sum ``s`` (relative to ``m``) across the loop, so the
+    per-block maximum and sum are reductions inside a thread, and the groups are combined once at the end, with
+    the head and tail columns (`_row_edges`): no cross-thread reduction, hence no barrier or shuffle, inside the
+    loop. The maximum is taken on the raw logits and scaled after (``scale2 > 0`` commutes with max), and
+    ``exp2`` is fed ``fma(x, scale2, -m)``: about one exponential and four arithmetic instructions per logit.
+    """
+    head, body = _row_parts(base, vocab, VEC)
+    body_base = _body_base(base, head, stride_v, VEC)
     groups = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     m = tl.full((BLOCK_V // VEC,), _MOST_NEGATIVE, tl.float32)
     s = tl.zeros((BLOCK_V // VEC,), tl.float32)
     t = tl.zeros((BLOCK_V // VEC,), tl.float32)  # ENTROPY: sum 2^(y - m) * (y - m); unused (and removed) otherwise
-    for start in range(0, read_to, BLOCK_V):
-        x = tl.load(base + (start + groups) * stride_v, mask=start + groups < vocab, other=float("-inf"))
+    for start in range(0, tl.where(counted, body, 0), BLOCK_V):
+        x = tl.load(body_base + (start + groups) * stride_v, mask=start + groups < body, other=float("-inf"))
         x = x.to(tl.float32)
         # m is finite (it starts at the most negative float): padded and -inf lanes give exp2(-inf) = 0, and
         # m - new_m <= 0 is never -inf - -inf.
@@ -148,18 +194,69 @@ def _row_logsumexp2(base, stride_v, read_to, vocab, scale2, BLOCK_V: tl.constexp
         else:
             s = s * tl.exp2(m - new_m) + tl.sum(tl.exp2(x * scale2 - new_m[:, None]), axis=1)
         m = new_m
-    row_max = tl.max(m, axis=0)
-    # m <= row_max: every factor is in [0, 1]; an all -inf row sums to 0 and gives -inf, as torch does.
-    lse2 = row_max + tl.log2(tl.sum(s * tl.exp2(m - row_max), axis=0))
+    cols, read = _row_edges(head, body, tl.where(counted, vocab, 0), VEC)
+    y = tl.load(base + cols * stride_v, mask=read, other=float("-inf")).to(tl.float32) * scale2
+    row_max = tl.maximum(tl.max(m, axis=0), tl.max(y, axis=0))  # finite: m starts at the most negative float
+    # m, y <= row_max: every factor is in [0, 1]; an all -inf row sums to 0 and gives -inf, as torch does.
+    lse2 = row_max + tl.log2(tl.sum(s * tl.exp2(m - row_max), axis=0) + tl.sum(tl.exp2(y - row_max), axis=0))
     entropy = tl.zeros((), tl.float32)
     if ENTROPY:
         shift = tl.maximum(m - row_max, _EXP2_FLOOR)
         alpha = tl.exp2(shift)
-        total = tl.sum(s * alpha, axis=0)
+        d = tl.maximum(y - row_max, _EXP2_FLOOR)
+        e = tl.exp2(d)
+        total = tl.sum(s * alpha, axis=0) + tl.sum(e, axis=0)
         # -sum p log2 p = log2 S - T / S, S and T relative to the row maximum.
-        entropy = tl.where(total > 0, (tl.log2(total) - tl.sum(alpha * (t + s * shift), axis=0) / total) * _LN2,
-                           0.0)
+        entropy = tl.where(total > 0, (tl.log2(total) - (tl.sum(alpha * (t + s * shift), axis=0)
+                                                         + tl.sum(e * d, axis=0)) / total) * _LN2, 0.0)
     return lse2, entropy
+
+
+@triton.jit
+def _softmax_grad(x, scale2, lse2, a, b, ENTROPY: tl.constexpr):
+    """float32 ``p * (a + b * log2 p)`` of logits ``x``, ``p = exp2(x * scale2 - lse2)`` the softmax; ``a * p``
+    without ``ENTROPY``. Two instructions and an exponential per logit (four more with the entropy)."""
+    if ENTROPY:
+        log2p = tl.maximum(x.to(tl.float32) * scale2 - lse2, _EXP2_FLOOR)
+        return tl.exp2(log2p) * (a + b * log2p)
+    return a * tl.exp2(x.to(tl.float32) * scale2 - lse2)
+
+
+@triton.jit
+def _row_gradient(base, stride_v, grad_base, grad_stride_v, counted, label, target2, vocab, scale2, lse2, coef, a, b,
+                  BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr, ENTROPY: tl.constexpr):
+    """Write the row's gradient ``coef * onehot(label) + p * (a + b * log2 p)`` (`_softmax_grad`) at ``grad_base``.
+
+    ``lse2``: the row's log-sum-exp of ``x * scale2`` (0 where not ``counted``), ``target2`` the label's ``x *
+    scale2``. Rows that do not count read nothing (x = -inf, p = 0) and, with ``coef = a = b = +0.0``, get exact
+    zeros. The loop covers the row's body in ``BLOCK_V`` blocks of aligned vectors (``GRAD_VEC``: the gradient
+    rows' alignment, ``VEC`` when they start at the logits rows' offsets from a 16-byte boundary, else 1), then
+    the head and tail columns. Every access is the last use of its line (the gradient is not read again here):
+    evict-first, so that the lines of rows being re-read stay in L2. The label's column is corrected after the
+    loop: no per-column label test.
+    """
+    head, body = _row_parts(base, vocab, VEC)
+    body_base = _body_base(base, head, stride_v, VEC)
+    grad_body = _body_base(grad_base, head, grad_stride_v, GRAD_VEC)
+    read_to = tl.where(counted, body, 0)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, body, BLOCK_V):
+        x = tl.load(body_base + (start + cols) * stride_v, mask=start + cols < read_to, other=float("-inf"),
+                    eviction_policy="evict_first")
+        tl.store(grad_body + (start + cols) * grad_stride_v,
+                 _softmax_grad(x, scale2, lse2, a, b, ENTROPY).to(grad_base.dtype.element_ty),
+                 mask=start + cols < body, eviction_policy="evict_first")
+    edge, read = _row_edges(head, body, tl.where(counted, vocab, 0), VEC)
+    x = tl.load(base + edge * stride_v, mask=read, other=float("-inf"))
+    edge, write = _row_edges(head, body, vocab, VEC)
+    tl.store(grad_base + edge * grad_stride_v, _softmax_grad(x, scale2, lse2, a, b, ENTROPY).to(
+        grad_base.dtype.element_ty), mask=write)
+    # The barrier orders the label's store after the store of the same element above, made by whichever thread
+    # held that column.
+    tl.debug_barrier()
+    label_grad = coef + _softmax_grad(target2, 1.0, lse2, a, b, ENTROPY)
+    tl.store(grad_base + tl.where(counted, label, 0) * grad_stride_v, label_grad.to(grad_base.dtype.element_ty),
+             mask=counted)
 
 
 @triton.jit
@@ -201,8 +298,7 @@ def _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr, logp_ptr
     ``lse2`` is the log-sum-exp in base 2 (of ``x * scale2``), ``target2`` the label's ``x * scale2``, ``dlogp``
     and ``entropy`` 0 where the row does not count. Rows that do not count read nothing.
     """
-    lse2, entropy = _row_logsumexp2(base, stride_v, tl.where(counted, vocab, 0), vocab, scale2, BLOCK_V, VEC,
-                                    ENTROPY)
+    lse2, entropy = _row_logsumexp2(base, stride_v, counted, vocab, scale2, BLOCK_V, VEC, ENTROPY)
     target2 = tl.load(base + tl.where(counted, label, 0) * stride_v, mask=counted, other=0.0).to(tl.float32) * scale2
     logp = tl.where(counted, (target2 - lse2) * _LN2, 0.0)
     loss, dlogp = _loss_epilogue(logp, row, aux_ptr, adv_ptr, param0, param1, LOSS)
@@ -241,13 +337,12 @@ def _logprob_fwd_grad_kernel(
     labels_ptr, aux_ptr, adv_ptr, row_scale_ptr,
     logp_ptr, lse_ptr, loss_ptr, dlogp_ptr, entropy_ptr,
     rows, vocab, inv_temperature, param0, param1, entropy_coef,
-    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ENTROPY: tl.constexpr,
+    LOSS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     # Persistent: the launcher starts as many programs as it wants rows in flight (`grad_programs`), and each
     # takes every num_programs-th row, so the rows resident at once do not depend on the compiler's registers.
     scale2 = inv_temperature * _LOG2E
     grad_scale = tl.load(row_scale_ptr) * inv_temperature
-    cols = tl.arange(0, BLOCK_V)
     for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):  # int64 row offsets
         base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
         label = tl.load(labels_ptr + row)
@@ -255,42 +350,20 @@ def _logprob_fwd_grad_kernel(
         lse2, target2, dlogp, entropy = _row_forward(base, stride_v, row, label, counted, aux_ptr, adv_ptr,
                                                      logp_ptr, lse_ptr, loss_ptr, dlogp_ptr, entropy_ptr, vocab,
                                                      scale2, param0, param1, LOSS, BLOCK_V, VEC, ENTROPY)
-
-        # Second pass: the row was read a moment ago and is still in L2. Its loads are the last use of each
-        # line and the gradient is not read again by this kernel: both are marked evict-first so that they do
-        # not push out the rows other programs are about to re-read. Every column gets -coef * softmax (two
-        # instructions and an exponential per logit, no per-column label test); the label's column is
-        # corrected after the loop.
+        # Second pass: the row was read a moment ago and is still in L2 (`_row_gradient`).
         coef = grad_scale * dlogp  # 0 for rows that do not count
-        neg_coef = 0.0 - coef  # +0.0, not -0.0, when coef is 0: exact zero gradients
-        lse2 = tl.where(counted, lse2, 0.0)  # rows that do not count: x = -inf, softmax exp2(-inf) = 0
-        read_to = tl.where(counted, vocab, 0)
-        # ENTROPY: grad = p * (a + b * log2 p) + coef * onehot, with -g_H = entropy_coef * grad_scale (the
-        # objective is row_scale * sum(loss - entropy_coef * H)); a = b = +0.0 on rows that do not count.
-        a = tl.where(counted, neg_coef + entropy_coef * grad_scale * entropy, 0.0)
-        b = tl.where(counted, entropy_coef * grad_scale * _LN2, 0.0)
-        grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
-        for start in range(0, vocab, BLOCK_V):
-            x = tl.load(base + (start + cols) * stride_v, mask=start + cols < read_to, other=float("-inf"),
-                        eviction_policy="evict_first")
-            if ENTROPY:
-                log2p = tl.maximum(x.to(tl.float32) * scale2 - lse2, _EXP2_FLOOR)
-                grad = tl.exp2(log2p) * (a + b * log2p)
-            else:
-                grad = neg_coef * tl.exp2(x.to(tl.float32) * scale2 - lse2)
-            tl.store(grad_base + (start + cols) * grad_stride_v, grad.to(grad_ptr.dtype.element_ty),
-                     mask=start + cols < vocab, eviction_policy="evict_first")
-        # The label's column is coef * (1 - softmax) (plus the entropy term). The barrier orders this store after
-        # the loop's store of the same element, made by whichever thread held that column (it is outside the
-        # vocabulary loop).
-        tl.debug_barrier()
         if ENTROPY:
-            label_log2p = tl.maximum(target2 - lse2, _EXP2_FLOOR)
-            label_grad = coef + tl.exp2(label_log2p) * (a + b * label_log2p)
+            # -g_H = entropy_coef * grad_scale (the objective is row_scale * sum(loss - entropy_coef * H)); a = b =
+            # +0.0 on rows that do not count.
+            a = tl.where(counted, entropy_coef * grad_scale * entropy - coef, 0.0)
+            b = tl.where(counted, entropy_coef * grad_scale * _LN2, 0.0)
         else:
-            label_grad = coef - coef * tl.exp2(target2 - lse2)
-        tl.store(grad_base + tl.where(counted, label, 0) * grad_stride_v,
-                 label_grad.to(grad_ptr.dtype.element_ty), mask=counted)
+            a = 0.0 - coef  # +0.0, not -0.0, when coef is 0: exact zero gradients
+            b = 0.0
+        grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
+        # Rows that do not count: lse2 0 (not -inf), so that x = -inf gives softmax exp2(-inf) = 0.
+        _row_gradient(base, stride_v, grad_base, grad_stride_v, counted, label, target2, vocab, scale2,
+                      tl.where(counted, lse2, 0.0), coef, a, b, BLOCK_V, VEC, GRAD_VEC, ENTROPY)
 
 
 @triton.jit
@@ -299,28 +372,28 @@ def _logprob_bwd_kernel(
     grad_ptr, grad_stride_outer, grad_stride_inner, grad_stride_v,
     labels_ptr, lse_ptr, row_grad_ptr, entropy_ptr, entropy_grad_ptr,
     vocab, inv_temperature,
-    BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_VEC: tl.constexpr, ENTROPY: tl.constexpr,
 ):
+    # One program per row: the gradient is row_grad / T * (onehot(label) - softmax), plus, with the entropy,
+    # -entropy_grad / T * p * (ln p + H), i.e. `_row_gradient`'s p * (a + b * log2 p) + coef * onehot.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row)
-
+    counted = label >= 0
+    scale2 = inv_temperature * _LOG2E
     base = _row_base(logits_ptr, row, inner_size, stride_outer, stride_inner)
-    # Rows that do not count read nothing: x = -inf gives softmax 0 and, with row_grad 0, exact zeros.
-    x = tl.load(base + cols * stride_v, mask=cols < tl.where(label >= 0, vocab, 0), other=float("-inf"))
+    target2 = tl.load(base + tl.where(counted, label, 0) * stride_v, mask=counted, other=0.0).to(tl.float32) * scale2
+    coef = tl.load(row_grad_ptr + row) * inv_temperature  # 0 where the row does not count
     if ENTROPY:
-        # + entropy_grad * d H / d x = -entropy_grad * p * (ln p + H) / T; entropy_grad is 0 where not counted.
-        log2p = tl.maximum(x.to(tl.float32) * (inv_temperature * _LOG2E) - tl.load(lse_ptr + row) * _LOG2E,
-                           _EXP2_FLOOR)
-        softmax = tl.exp2(log2p)
-        entropy_term = tl.load(entropy_grad_ptr + row) * (log2p * _LN2 + tl.load(entropy_ptr + row))
-        grad = inv_temperature * (tl.load(row_grad_ptr + row) * (tl.where(cols == label, 1.0, 0.0) - softmax)
-                                  - entropy_term * softmax)
+        entropy_grad = tl.load(entropy_grad_ptr + row) * inv_temperature  # 0 where the row does not count
+        a = tl.where(counted, -coef - entropy_grad * tl.load(entropy_ptr + row), 0.0)
+        b = tl.where(counted, -entropy_grad * _LN2, 0.0)
     else:
-        softmax = tl.exp2(x.to(tl.float32) * (inv_temperature * _LOG2E) - tl.load(lse_ptr + row) * _LOG2E)
-        grad = tl.load(row_grad_ptr + row) * inv_temperature * (tl.where(cols == label, 1.0, 0.0) - softmax)
+        a = 0.0 - coef  # +0.0 when coef is 0
+        b = 0.0
     grad_base = _row_base(grad_ptr, row, inner_size, grad_stride_outer, grad_stride_inner)
-    tl.store(grad_base + cols * grad_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
+    # The forward's lse is 0 on rows that do not count.
+    _row_gradient(base, stride_v, grad_base, grad_stride_v, counted, label, target2, vocab, scale2,
+                  tl.load(lse_ptr + row) * _LOG2E, coef, a, b, BLOCK_V, VEC, GRAD_VEC, ENTROPY)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,8 +406,20 @@ def _layout(rows3d: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _vector(rows3d: torch.Tensor) -> int:
-    """Columns per 16-byte vector: the group size of the row pass's per-thread running max and sum."""
-    return 16 // rows3d.element_size()
+    """Columns per 16-byte vector of a contiguous row (the group size of the row pass's per-thread running max
+    and sum, and the alignment of each row's body), 1 for a strided one (its columns are not adjacent)."""
+    return 16 // rows3d.element_size() if rows3d.stride(2) == 1 or rows3d.shape[2] == 1 else 1
+
+
+def _grad_vector(rows3d: torch.Tensor, out3d: torch.Tensor) -> int:
+    """The gradient rows' alignment in columns: `_vector` when each row of ``out3d`` starts at the same offset from
+    a 16-byte boundary as the same row of ``rows3d`` (in place, or a buffer from `apa_fast.rows.gradient_buffer`),
+    so that the body's stores are aligned vectors too; else 1 (scalar stores, the loads still vectors)."""
+    vec = min(_vector(rows3d), _vector(out3d))
+    same = (rows3d.data_ptr() - out3d.data_ptr()) % 16 == 0 and all(
+        rows3d.shape[dim] == 1 or (rows3d.stride(dim) - out3d.stride(dim)) * rows3d.element_size() % 16 == 0
+        for dim in (0, 1))
+    return vec if same else 1
 
 
 def _per_row_outputs(outputs):
@@ -360,8 +445,9 @@ def _forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, *,
     programs = grad_programs(rows, vocab * rows3d.element_size(), num_warps, sms, l2_bytes)
     args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale,
             *_per_row_outputs(outputs), rows, vocab, inv_temperature, param0, param1, entropy_coef)
-    return _logprob_fwd_grad_kernel, (programs,), args, {"LOSS": loss_kind, "BLOCK_V": block, "VEC": _vector(rows3d),
-                                                         "ENTROPY": len(outputs) > 4, "num_warps": num_warps}
+    return _logprob_fwd_grad_kernel, (programs,), args, {
+        "LOSS": loss_kind, "BLOCK_V": block, "VEC": _vector(rows3d), "GRAD_VEC": _grad_vector(rows3d, out3d),
+        "ENTROPY": len(outputs) > 4, "num_warps": num_warps}
 
 
 def _backward_launch(rows3d, labels, lse, row_grad, out3d, *, inv_temperature, entropy=None, entropy_grad=None):
@@ -370,8 +456,9 @@ def _backward_launch(rows3d, labels, lse, row_grad, out3d, *, inv_temperature, e
     with_entropy = entropy_grad is not None
     args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, lse, row_grad,
             entropy if with_entropy else lse, entropy_grad if with_entropy else row_grad, vocab, inv_temperature)
-    return _logprob_bwd_kernel, (labels.numel(), triton.cdiv(vocab, block)), args, {
-        "BLOCK_V": block, "ENTROPY": with_entropy, "num_warps": num_warps}
+    return _logprob_bwd_kernel, (labels.numel(),), args, {
+        "BLOCK_V": block, "VEC": _vector(rows3d), "GRAD_VEC": _grad_vector(rows3d, out3d), "ENTROPY": with_entropy,
+        "num_warps": num_warps}
 
 
 def _run(launch) -> None:
@@ -448,15 +535,15 @@ def aot_variants(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, kinds=KINDS, entropy=(Fal
     ``grid``, ``args`` and ``meta``
     (the launch's grid, positional arguments and keywords; forward_grad's grid as on an H100). The arguments
     are meta-device tensors laid out as a causal LM passes them (``logits[:, :-1]`` of a contiguous
-    ``(8, 512, V)`` buffer; the gradient a fresh contiguous buffer), so Triton's runtime specialisation
-    (16-byte aligned pointers, integers divisible by 16, unit strides) applied to them is the one a real call
-    gets.
+    ``(8, 512, V)`` buffer; the gradient in the buffer the ops allocate, `apa_fast.rows.gradient_buffer`), so
+    Triton's runtime specialisation (16-byte aligned pointers, integers divisible by 16, unit strides) applied to
+    them is the one a real call gets.
     """
     for vocab in vocabs:
         for dtype in dtypes:
             logits = torch.empty((8, 512, vocab), dtype=dtype, device="meta")[:, :-1]
             rows = logits.shape[0] * logits.shape[1]
-            out3d = torch.empty(logits.shape, dtype=dtype, device="meta")
+            out3d = gradient_buffer(logits)
             labels = torch.empty(rows, dtype=torch.int32, device="meta")
             floats = torch.empty((7, rows), dtype=torch.float32, device="meta")
             row_scale = torch.empty((), dtype=torch.float32, device="meta")

@@ -11,11 +11,15 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from apa_fast.kernels import logprob as K
 from conftest import assert_close_rel, rel_err
 from oracles import LOGP_ROUNDING
+from test_entropy import _check_impl as _check_passes_with_entropy
 
 from apa_fast.kinds import APA, KINDS, LOGPROB
+from apa_fast.rows import gradient_buffer
 
 HYPER = {"lam": 0.5, "clip_eps": 0.2, "max_weight": 5.0}
 UNPATCHED_GRAD_PROGRAMS = K.grad_programs  # the fixture below replaces it in every test
@@ -81,8 +85,10 @@ def _grad_tol(expected_grad, dtype, tol_scale=1.0):
     return GRAD_TOL[dtype] * tol_scale + 2 * rel_err(expected_grad.to(dtype), expected_grad)
 
 
-def _check_all_passes(rows3d, labels, kind, *, inv_temperature=1.0, out3d=None, tol_scale=1.0):
-    """Run forward, backward and forward_grad on ``rows3d`` and compare each with the float64 reference."""
+def _check_all_passes(rows3d, labels, kind, *, inv_temperature=1.0, out3d=None, tol_scale=1.0,
+                      grad_buffer=torch.empty_like):
+    """Run forward, backward and forward_grad on ``rows3d`` and compare each with the float64 reference; the
+    gradients go to ``grad_buffer(rows3d)`` (forward_grad's to ``out3d`` when given)."""
     rows = labels.numel()
     aux, adv, aux_k, adv_k = _token_data(kind, rows, rows3d.device)
     row_scale = 1.0 / max(int((labels >= 0).sum()), 1)
@@ -101,12 +107,12 @@ def _check_all_passes(rows3d, labels, kind, *, inv_temperature=1.0, out3d=None, 
         assert_close_rel(actual, want, VALUE_TOL * tol_scale, f"forward {name} ({kind.name})", scale=scale)
 
     row_grad = outputs[3] * row_scale
-    back = torch.empty_like(rows3d)
+    back = grad_buffer(rows3d)
     K.backward(rows3d, labels, outputs[1], row_grad, back, inv_temperature=inv_temperature)
     assert_close_rel(back.reshape(rows, -1), expected[4], grad_tol, f"backward dlogits ({kind.name})",
                      scale=grad_scale)
 
-    out3d = torch.empty_like(rows3d) if out3d is None else out3d
+    out3d = grad_buffer(rows3d) if out3d is None else out3d
     fused = K.forward_grad(rows3d, labels, aux_k, adv_k, out3d, torch.tensor(row_scale, device=rows3d.device),
                            loss_kind=kind.id, inv_temperature=inv_temperature, **params)
     for name, actual, want, scale in zip(("logp", "lse", "loss", "dlogp"), fused, expected, value_scales,
@@ -189,6 +195,74 @@ def test_strided_layouts_and_strided_gradient(dtype):
     every_other = full[..., ::2]  # stride_v = 2
     out3d = torch.zeros(3, 4, 45 * 3, dtype=dtype)[..., 1::3]  # a strided gradient buffer
     _check_all_passes(every_other, _labels(12, 45), kind, out3d=out3d)
+
+
+def _misaligned_rows():
+    """(name, rows3d, labels) whose rows start at every offset from a 16-byte boundary (odd V, odd strides)."""
+    full = torch.randn(2, 5, 133) * 3  # 133 = 5 mod 8: consecutive rows start 5 columns further from a boundary
+    yield "logits[:, :-1] of (2, 5, 133)", full[:, :-1], _labels(8, 133, [3])
+    yield "row stride 75, V 70", (torch.randn(1, 7, 75) * 3)[..., 2:72], _labels(7, 70, [0])
+    yield "V 5: shorter than a vector", torch.randn(1, 6, 5) * 3, _labels(6, 5, [1])
+    yield "one token, 3 columns past a boundary", (torch.randn(200) * 3)[3:136].view(1, 1, 133), _labels(1, 133)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entropy", [False, True], ids=["entropy_off", "entropy_on"])
+def test_rows_at_every_offset_from_a_16_byte_boundary(dtype, entropy):
+    """Each row's peeled head, aligned body and tail: every row offset from a 16-byte boundary (a sliced odd-V
+    view, a row stride not a multiple of 8, a row shorter than one vector, one token at an unaligned address),
+    with the gradient where the ops put it (`gradient_buffer`: aligned stores), in a contiguous buffer (rows at
+    other offsets: scalar stores) and, entropy off, in place (the entropy check reads the logits after the
+    training-mode pass); the forward, backward and training-mode passes, entropy off and on."""
+    for _, rows3d, labels in _misaligned_rows():
+        rows3d = rows3d.to(dtype)
+        for grad_buffer in (gradient_buffer, lambda x: torch.empty(x.shape, dtype=x.dtype)):
+            if entropy:
+                _check_passes_with_entropy(K, rows3d, labels, out3d=grad_buffer(rows3d))
+            else:
+                _check_all_passes(rows3d, labels, APA, grad_buffer=grad_buffer)
+        if not entropy:
+            in_place = rows3d.clone()
+            _check_all_passes(in_place, labels, APA, out3d=in_place)
+
+
+@triton.jit
+def _row_parts_kernel(base_ptr, out_ptr, vocab, VEC: tl.constexpr):
+    head, body = K._row_parts(base_ptr, vocab, VEC)
+    tl.store(out_ptr, head)
+    tl.store(out_ptr + 1, body)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_body_starts_at_a_16_byte_boundary(dtype):
+    """`_row_parts` at every offset: the body starts 16-byte aligned (a misaligned vector access faults on a GPU,
+    which the interpreter does not check), holds whole vectors, and leaves a head and a tail shorter than one."""
+    vec = 16 // dtype.itemsize
+    storage = torch.empty(64, dtype=dtype)
+    out = torch.empty(2, dtype=torch.int32)
+    for offset in range(vec):
+        for vocab in (1, vec - 1, vec, 3 * vec + 5, 133):
+            row = storage[offset:offset + vocab]
+            _row_parts_kernel[(1,)](row, out, vocab, vec)
+            head, body = out.tolist()
+            assert 0 <= head < vec and body % vec == 0 and 0 <= vocab - head - body < vec, (offset, vocab)
+            if head < vocab:
+                assert (row.data_ptr() + head * dtype.itemsize) % 16 == 0, (offset, vocab)
+            assert body == (vocab - head) // vec * vec, (offset, vocab)
+
+
+def test_gradient_vector_width_follows_the_buffer_alignment():
+    """`_grad_vector`: the body's stores are vectors only where each gradient row starts at its logits row's
+    offset from a 16-byte boundary (in place, `gradient_buffer`); 1 for a contiguous buffer under an odd-V slice
+    and for strided rows."""
+    sliced = torch.empty(2, 5, 133, dtype=torch.bfloat16)[:, :-1]
+    assert K._vector(sliced) == 8 and K._vector(sliced.float()) == 4
+    assert K._grad_vector(sliced, sliced) == 8 and K._grad_vector(sliced, gradient_buffer(sliced)) == 8
+    assert K._grad_vector(sliced, torch.empty(sliced.shape, dtype=sliced.dtype)) == 1
+    aligned = torch.empty(2, 5, 136, dtype=torch.bfloat16)[:, :-1]  # V a multiple of 8: any buffer lines up
+    assert K._grad_vector(aligned, torch.empty(aligned.shape, dtype=aligned.dtype)) == 8
+    strided = torch.empty(2, 4, 90)[..., ::2]
+    assert K._vector(strided) == 1 and K._grad_vector(strided, gradient_buffer(strided)) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
