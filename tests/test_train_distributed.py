@@ -1,5 +1,6 @@
 """Two processes with ZeRO-2 on gloo: the ranks agree after a step, and match one process on the same batch."""
 
+import json
 import os
 import socket
 import subprocess
@@ -59,3 +60,7 @@ def test_two_gloo_processes_match_one(tmp_path):
         # Adam's first step moves each weight by about lr * sign(grad): float32 summation order between
         # one and two processes only matters where a gradient is zero up to rounding.
         torch.testing.assert_close(rank0[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+    # The logged figures are global: the loss and the token-weighted mean entropy of two processes are one's.
+    logged_two, logged_one = (json.loads((run / "metrics.jsonl").read_text()) for run in (two, one))
+    for name in ("loss", "entropy"):
+        assert logged_two[name] == pytest.approx(logged_one[name], rel=1e-5), name

@@ -49,7 +49,7 @@ def test_bad_grid_strings_are_named(spec, reason):
 
 
 @pytest.mark.parametrize(("specs", "reason"), [
-    (["apa:apa_lam=-1,1"], "config field 'apa_lam' must be > 0, got -1.0"),
+    (["apa:apa_lam=-1,1"], r"config field 'apa_lam': apa_lam must be in \[1e-06, 1e\+06\], got -1.0"),
     (["ppo:ppo_kl_horizon=0.5"], "config field 'ppo_kl_horizon' must be of type int"),
     (["apa:apa_lam=1", "apa:apa_lam=1"], "apa apa_lam=1 seed 0 is already in another grid"),
 ])

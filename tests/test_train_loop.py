@@ -113,7 +113,7 @@ def test_command_line_writes_metrics_curves_and_resumes(tmp_path, capsys):
     cli.main(["--output-dir", str(run), "--max-steps", "3", "--algo", "awr", "--resume", *sets])
     rows = metrics(run)
     assert [m["step"] for m in rows] == [1, 2, 3]
-    required = {"step", "reward_mean", "kl", "loss", "value_loss", "tokens_per_s", "gen_s", "update_s"}
+    required = {"step", "reward_mean", "kl", "entropy", "loss", "value_loss", "tokens_per_s", "gen_s", "update_s"}
     assert required <= set(rows[0]) and all(map(lambda m: all(map(_finite, m.values())), rows))
     assert (run / "curves.png").stat().st_size > 0
 
@@ -159,9 +159,5 @@ def test_fused_lm_head_trains_like_the_logits_path(tmp_path, zero_stage):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-4)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-4)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
-
-
-def test_fused_lm_head_is_for_apa():
-    with pytest.raises(ValueError, match="fused_lm_head"):
-        TrainConfig(algo="ppo", fused_lm_head=True)

@@ -1,5 +1,6 @@
 """Trainer rollout and update pieces: response masks, reward placement, padding on both sides, whitening,
-and the policy losses (fused and unfused backends) against float64 references."""
+and the policy losses (fused and unfused backends, logits and fused lm_head, with the entropy bonus and the
+entropy they return) against float64 references."""
 
 import pytest
 import torch
@@ -87,28 +88,35 @@ class _Head(torch.nn.Module):
 
 
 def _reference_loss(cfg, logits, batch):
-    """(loss, dlogits) in float64, summed over the counted tokens: the float64 oracle of the fused ops' tests."""
+    """(loss, entropy, dlogits) in float64, summed over the counted tokens (the entropy per token, 0 elsewhere):
+    the float64 oracle of the fused ops' tests."""
     aux = batch.ref_logprobs if cfg.algo == "apa" else batch.logprobs
     lam = cfg.apa_lam if cfg.algo == "apa" else cfg.awr_lam
     return oracle(cfg.algo, logits, batch.labels, aux, batch.advantages, batch.response_mask, lam=lam,
                   clip_eps=cfg.ppo_clip_eps, max_weight=cfg.awr_max_weight, temperature=cfg.logprob_temperature,
-                  reduction="sum")
+                  reduction="sum", entropy_coef=cfg.entropy_coef, with_entropy=True)
 
 
+@pytest.mark.parametrize(("entropy_coef", "fused_lm_head"), [(0.0, False), (0.37, False), (-0.2, True)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("algo", ["apa", "ppo", "awr"])
-def test_policy_losses_match_float64_references(algo, backend):
-    cfg = TrainConfig(algo=algo, loss_backend=backend, temperature=0.7)
+def test_policy_losses_match_float64_references(algo, backend, entropy_coef, fused_lm_head):
+    """The loss (with the entropy bonus), the entropy of the same call and the gradient, on the logits path and
+    from hidden states (`fused_lm_head`)."""
+    cfg = TrainConfig(algo=algo, loss_backend=backend, temperature=0.7, entropy_coef=entropy_coef,
+                      fused_lm_head=fused_lm_head)
     batch, head = _batch(), _Head(8, 11)
     hidden = torch.randn(3, 5, 8, requires_grad=True)
-    loss = policy_loss(cfg, head, hidden, batch)
+    loss, entropy = policy_loss(cfg, head, hidden, batch)
     loss.backward()
     grad = hidden.grad.clone()
     head64 = _Head(8, 11).double()
     head64.load_state_dict(head.state_dict())
-    expected, dlogits = _reference_loss(cfg, head64.lm_head(hidden.detach().double()), batch)
+    expected, expected_entropy, dlogits = _reference_loss(cfg, head64.lm_head(hidden.detach().double()), batch)
     # float32 logits against float64: a few ulps of float32 relative to each sum.
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert entropy.dtype == torch.float32 and not entropy.requires_grad
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), dlogits @ head64.lm_head.weight, rtol=1e-4, atol=1e-6)
 
 

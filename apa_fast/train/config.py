@@ -20,6 +20,9 @@ from typing import Any
 
 import yaml
 
+from apa_fast.kinds import ENTROPY_COEF, HYPER_RANGES
+from apa_fast.validation import check_number
+
 ALGOS = ("apa", "ppo", "awr")
 LOSS_BACKENDS = ("auto", "triton", "torch")
 ESTIMATORS = ("gae", "group")
@@ -61,6 +64,7 @@ class TrainConfig:
     awr_lam: float = 1.0  # AWR: loss -exp(A / lam) * logp; the paper's 1 (0.1 explodes)
     awr_max_weight: float = 20.0
     ppo_clip_eps: float = 0.2
+    entropy_coef: float = 0.0  # every algo: the policy loss minus coef * mean token entropy (a bonus; < 0 a penalty)
     ppo_kl_coef: float = 0.05  # PPO only: per-token penalty -coef * (logp - logp_init) in the reward
     ppo_adaptive_kl: bool = False  # PPO: adapt the coefficient (from ppo_kl_coef) towards ppo_kl_target
     ppo_kl_target: float = 6.0  # nats per sequence, the target of the adaptive controller (Ziegler et al. 2019)
@@ -69,7 +73,7 @@ class TrainConfig:
     gae_lambda: float = 0.95
     whiten_advantages: bool = True  # over the valid tokens of the whole rollout (all processes)
     loss_backend: str = "auto"  # "auto" | "triton" | "torch": fused or unfused path of the same losses
-    fused_lm_head: bool = False  # APA: lm_head fused into the loss and log-probs (apa_fast.linear_loss): no logits
+    fused_lm_head: bool = False  # lm_head fused into the loss and log-probs (apa_fast.linear_*): no logits
     advantage_estimator: str = "gae"  # "gae": a critic and apa_fast.gae; "group": no critic, a group baseline
     samples_per_prompt: int | None = None  # responses sampled per prompt; None: 1 for gae, 4 for group
     group_advantage: str = "grpo"  # group: "mean" (score - mean), "grpo" (/ group std), "rloo" (leave-one-out)
@@ -111,6 +115,11 @@ class TrainConfig:
         for name, (ok, expected) in _RANGES.items():
             if not ok(getattr(self, name)):
                 raise ConfigError(f"config field {name!r} must be {expected}, got {getattr(self, name)!r}", name)
+        for name, bounds in _OP_RANGES.items():
+            try:
+                check_number(name, getattr(self, name), bounds)
+            except ValueError as exc:
+                raise ConfigError(f"config field {name!r}: {exc}", name) from None
         if self.sequences_per_step % self.minibatch_size:
             raise ConfigError(
                 f"rollout_batch_size ({self.rollout_batch_size}) x samples_per_prompt ({self.group_size}) must be "
@@ -129,9 +138,6 @@ class TrainConfig:
         if self.tiny_width % (2 * self.tiny_heads):
             raise ConfigError(f"tiny_width ({self.tiny_width}) must be a multiple of 2 * tiny_heads "
                               f"({self.tiny_heads}): GPT-J rotates pairs of each head's dimensions", "tiny_width")
-        if self.fused_lm_head and self.algo != "apa":
-            raise ConfigError(f"fused_lm_head (apa_fast.linear_loss) serves algo 'apa'; the {self.algo} baseline "
-                              "takes the logits path: set fused_lm_head false", "fused_lm_head")
 
     @property
     def logprob_temperature(self) -> float:
@@ -186,14 +192,18 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "stop": (lambda v: all(s != "" for s in v), "a list of non-empty strings"),
     "algo": (lambda v: v in ALGOS, f"one of {ALGOS}"),
-    **dict.fromkeys(("apa_lam", "awr_lam", "awr_max_weight", "ppo_clip_eps", "ppo_kl_target", "lr",
-                     "max_grad_norm"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("ppo_kl_target", "lr", "max_grad_norm"), (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("ppo_kl_coef", "weight_decay", "vf_coef", "warmup_steps"), (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "loss_backend": (lambda v: v in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
 }
+# The fields the loss ops take, checked against the ops' own ranges by their validator (`check_number`), so that
+# a value the ops would refuse at the first update fails here instead, before DeepSpeed starts.
+_OP_RANGES = {"apa_lam": HYPER_RANGES["lam"], "awr_lam": HYPER_RANGES["lam"],
+              "awr_max_weight": HYPER_RANGES["max_weight"], "ppo_clip_eps": HYPER_RANGES["clip_eps"],
+              "entropy_coef": ENTROPY_COEF}
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:

@@ -110,15 +110,16 @@ def step_metrics(step: int, rollout: Rollout, losses: dict, lr: float, gen_s: fl
 
 def log_line(m: dict, max_steps: int) -> str:
     return (f"step {m['step']}/{max_steps} | reward {m['reward_mean']:.3f} | kl {m['kl']:.3f} | "
+            f"entropy {m['entropy']:.3f} | "
             f"loss {m['loss']:.4f} | " + (f"value {m['value_loss']:.4f} | " if "value_loss" in m else "")
             + f"gen {m['gen_s']:.2f}s | "
             f"update {m['update_s']:.2f}s | {m['tokens_per_s']:.0f} tok/s")
 
 
 def plot_curves(metrics_path: Path, out_path: Path, eval_path: Path | None = None) -> None:
-    """``curves.png``: reward and KL to pi_init against step, from every line of metrics.jsonl; with the lines
-    of eval.jsonl, the held-out rewards and KL beside them and a third panel of the collapse signals
-    (entropy, distinct-1/2)."""
+    """``curves.png``: reward, KL to pi_init and the policy's entropy (the collapse signal) against step, from
+    every line of metrics.jsonl (lines written before the entropy was logged have no entropy point); with the
+    lines of eval.jsonl, the held-out rewards, KL and entropy beside them and the held-out distinct-1/2."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,21 +129,22 @@ def plot_curves(metrics_path: Path, out_path: Path, eval_path: Path | None = Non
     evals = ([json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
              if eval_path is not None and eval_path.is_file() else [])
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(3 if evals else 2, 1, sharex=True, figsize=(6, 7.5 if evals else 5))
-    top, bottom = axes[:2]
+    fig, (top, bottom, signals) = plt.subplots(3, 1, sharex=True, figsize=(6, 7.5))
     top.plot(steps, [r["reward_mean"] for r in rows], label="training rollouts")
     top.set_ylabel("reward (mean)")
     bottom.plot(steps, [r["kl"] for r in rows], color="tab:red", label="training rollouts")
     bottom.set_ylabel("KL to pi_init (nats / seq)")
+    logged = [r for r in rows if "entropy" in r]
+    signals.plot([r["step"] for r in logged], [r["entropy"] for r in logged], color="tab:green",
+                 label="training (update)")
+    signals.set_ylabel("entropy (nats / token)")
     if evals:
         at = [e["step"] for e in evals]
         top.plot(at, [e["reward"] for e in evals], "o-", label="held-out: training reward")
         if "eval_reward" in evals[0]:
             top.plot(at, [e["eval_reward"] for e in evals], "s-", label="held-out: evaluator")
         bottom.plot(at, [e["kl"] for e in evals], "o-", color="tab:purple", label="held-out")
-        signals = axes[2]
-        signals.plot(at, [e["entropy"] for e in evals], "o-", color="tab:green", label="entropy (nats / token)")
-        signals.set_ylabel("entropy (nats / token)")
+        signals.plot(at, [e["entropy"] for e in evals], "o-", color="tab:olive", label="held-out")
         share = signals.twinx()
         for name, style in (("distinct_1", "^--"), ("distinct_2", "v--")):
             share.plot(at, [e[name] for e in evals], style, color="tab:gray", label=name.replace("_", "-"))
@@ -152,7 +154,7 @@ def plot_curves(metrics_path: Path, out_path: Path, eval_path: Path | None = Non
         share.legend(loc="lower right", fontsize=8)
         top.legend(fontsize=8)
         bottom.legend(fontsize=8)
-    axes[-1].set_xlabel("step")
+    signals.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

@@ -22,28 +22,34 @@ class NonFiniteLossError(RuntimeError):
     """A NaN or infinite loss; raised before the backward pass so that no weight is touched by it."""
 
 
-def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -> torch.Tensor:
-    """Sum over response tokens of the configured policy loss; ``hidden`` ``(B, R, H)`` scores the response.
+# Each algorithm's loss op on the logits and from hidden states (`fused_lm_head`).
+LOSS_OPS = {"apa": (apa_fast.loss, apa_fast.linear_loss), "ppo": (apa_fast.ppo_loss, apa_fast.linear_ppo_loss),
+            "awr": (apa_fast.awr_loss, apa_fast.linear_awr_loss)}
 
-    With ``cfg.fused_lm_head`` (APA only) the lm_head projection is fused into the loss
-    (`apa_fast.linear_loss`): the ``(B, R, V)`` logits and their gradient never exist. Under ZeRO-3 the caller
-    holds the lm_head gathered (`lm_head_gathered`) over this call and the backward.
+
+def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, entropy)`` of the configured policy loss; ``hidden`` ``(B, R, H)`` scores the response.
+
+    ``loss``: the sum over response tokens of the algorithm's loss minus ``cfg.entropy_coef`` times the token
+    entropy; ``entropy``: float32 ``(B, R)``, the policy's entropy at the sampling temperature on each response
+    token (0 elsewhere), detached, from the same pass over the vocabulary as the loss (no second forward).
+    With ``cfg.fused_lm_head`` the lm_head projection is fused into the loss (`apa_fast.linear_loss` and its
+    twins): the ``(B, R, V)`` logits and their gradient never exist. Under ZeRO-3 the caller holds the lm_head
+    gathered (`lm_head_gathered`) over this call and the backward.
     """
+    if cfg.algo == "apa":
+        data, hyper = (batch.ref_logprobs, batch.advantages), dict(lam=cfg.apa_lam)
+    elif cfg.algo == "ppo":
+        data, hyper = (batch.logprobs, batch.advantages), dict(clip_eps=cfg.ppo_clip_eps)
+    else:
+        data, hyper = (batch.advantages,), dict(lam=cfg.awr_lam, max_weight=cfg.awr_max_weight)
     common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, reduction="sum",
-                  backend=cfg.loss_backend)
+                  backend=cfg.loss_backend, entropy_coef=cfg.entropy_coef, return_entropy=True, **hyper)
+    logits_op, linear_op = LOSS_OPS[cfg.algo]
     lm_head = model.lm_head
     if cfg.fused_lm_head:
-        return apa_fast.linear_loss(hidden, lm_head.weight, batch.labels, batch.ref_logprobs, batch.advantages,
-                                    bias=lm_head.bias, lam=cfg.apa_lam, **common)
-    logits = lm_head(hidden)
-    if cfg.algo == "apa":
-        return apa_fast.loss(logits, batch.labels, batch.ref_logprobs, batch.advantages, lam=cfg.apa_lam,
-                             **common)
-    if cfg.algo == "ppo":
-        return apa_fast.ppo_loss(logits, batch.labels, batch.logprobs, batch.advantages,
-                                 clip_eps=cfg.ppo_clip_eps, **common)
-    return apa_fast.awr_loss(logits, batch.labels, batch.advantages, lam=cfg.awr_lam,
-                             max_weight=cfg.awr_max_weight, **common)
+        return linear_op(hidden, lm_head.weight, batch.labels, *data, bias=lm_head.bias, **common)
+    return logits_op(lm_head(hidden), batch.labels, *data, **common)
 
 
 def lm_head_gathered(cfg: TrainConfig, model):
@@ -70,14 +76,16 @@ def set_lr(engine, cfg: TrainConfig, step: int) -> float:
 
 
 def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, world_size: int) -> dict:
-    """Run the update of ``step``; returns the global mean policy loss per minibatch, and the value loss's with a
-    critic."""
+    """Run the update of ``step``; returns the global mean policy loss per minibatch (and the value loss's with a
+    critic), and ``entropy``: the policy's mean entropy per response token over every pass of the update (all
+    processes)."""
     model = engine.module
     model.train()
     rows = rollout.input_ids.shape[0]
     local_minibatch = cfg.minibatch_size // world_size
     prompt_len = rollout.prompt_len
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64)  # policy loss, value loss, this process's entropy sum
+    tokens_total = 0.0  # response tokens of every pass, all processes: the entropy's weight
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(rows, generator=generator)
@@ -85,10 +93,12 @@ def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, worl
             batch = rollout.rows(order[start : start + local_minibatch].to(rollout.input_ids.device))
             tokens = all_reduce_sum(batch.response_mask.sum().double().cpu()).item()
             scale = world_size / max(tokens, 1.0)
+            tokens_total += tokens
             hidden, values = engine(batch.input_ids, batch.attention_mask, position_ids(batch.attention_mask))
             response = slice(prompt_len - 1, -1)
             with lm_head_gathered(cfg, model):
-                pg_loss = policy_loss(cfg, model, hidden[:, response], batch) * scale
+                pg_loss, entropy = policy_loss(cfg, model, hidden[:, response], batch)
+                pg_loss = pg_loss * scale
                 vf_loss = value_loss(None if values is None else values[:, response], batch) * scale
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 finite = all_reduce_sum(torch.isfinite(loss.detach()).float().cpu()).item() == world_size
@@ -99,8 +109,9 @@ def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, worl
                     )
                 engine.backward(loss)
             engine.step()
-            totals += torch.tensor([pg_loss.item(), vf_loss.item()], dtype=torch.float64) / world_size
+            totals += torch.tensor([pg_loss.item() / world_size, vf_loss.item() / world_size,
+                                    entropy.sum(dtype=torch.float64).item()], dtype=torch.float64)
     totals = all_reduce_sum(totals)
     minibatches = cfg.ppo_epochs * -(-rows // local_minibatch)
-    losses = {"loss": totals[0].item() / minibatches, "value_loss": totals[1].item() / minibatches}
-    return losses if cfg.has_critic else {"loss": losses["loss"]}
+    losses = {"loss": totals[0].item() / minibatches, "entropy": totals[2].item() / max(tokens_total, 1.0)}
+    return {**losses, "value_loss": totals[1].item() / minibatches} if cfg.has_critic else losses
