@@ -8,10 +8,14 @@ Ops: ``apa_loss`` (`apa_fast.loss`, APA with lam 0.1 as its authors ran it) and 
   and writes the gradient); variant ``inplace`` passes ``inplace_backward=True``; variant ``fused_grad`` is
   the training-mode design (``APA_FAST_FUSED_GRAD=1``: one kernel per row writes the gradient during the
   forward, the backward returns it);
-* ``torch``: `apa_fast.reference`, the unfused eager code a trainer runs today;
-* ``torch_compile``: ``torch.compile`` of that same reference (static shapes);
+* ``eager``: the plain eager code a trainer runs today (`benchmarks.baselines`: log_softmax in float32,
+  gather, the formula); records before December 4, 2026 named ``torch`` / ``torch_compile`` timed
+  `apa_fast.reference` instead, and are relabelled ``reference`` / ``reference_compiled``;
+* ``eager_compiled``: ``torch.compile`` of that same plain eager code (static shapes);
 * ``apa_fast_compiled``: ``torch.compile(fullgraph=True)`` of the loss step with apa_fast inside (its ops are
-  custom ops: no graph break), beside ``torch_compile``;
+  custom ops: no graph break), beside ``eager_compiled``;
+* ``trl`` / ``verl`` / ``openrlhf``: those trainers' log-prob functions (`benchmarks.peers`, on ``(8, N / 8, V)``
+  logits as they receive them), with the APA epilogue in PyTorch; CPU and GPU;
 * ``flash_attn`` / ``liger``: their fused cross-entropy kernels for the log-probs, with the APA epilogue in
   PyTorch; only where the package imports, on CUDA, and only if its gradient matches the reference.
 
@@ -38,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 
 import apa_fast
 from apa_fast import reference
+from benchmarks import baselines, peers
 
 OPS = ("apa_loss", "logprobs")
 MODES = ("forward", "backward", "full")
@@ -72,6 +77,7 @@ GPU_DTYPES = ("bfloat16", "float32")
 HEADLINE = {"tokens": 16384, "vocab": 50400, "dtype": "bfloat16"}  # the issue's target shape
 CPU_SHAPE = {"tokens": 1024, "vocab": 32000, "dtype": "float32"}
 CPU_TOKENS = (512, 1024)
+CPU_LARGE = ([4096], [50400], ["float32"])  # issue 21's second CPU ratio: 4,096 x 50,400 (tokens, vocabs, dtypes)
 CPU_MEMORY_TARGET = {"tokens": 2048, "vocab": 50400, "dtype": "float32"}  # torch backend <= 1/4 of the reference
 
 
@@ -109,9 +115,11 @@ class Case:
 # Grids: cases in priority order (the GPU script may be cut short: the headline figures come first).
 # ----------------------------------------------------------------------------------------------------
 def installed_alternatives(device: str) -> list[str]:
+    """The peers available here: the log-prob functions (pure torch) everywhere, the GPU kernels on CUDA."""
+    names = list(peers.logprob_providers())
     if not str(device).startswith("cuda"):
-        return []
-    return [name for package, name in ALTERNATIVES if importlib.util.find_spec(package) is not None]
+        return names
+    return names + [name for package, name in ALTERNATIVES if importlib.util.find_spec(package) is not None]
 
 
 def _provider_variants(op: str, provider: str, mode: str) -> list[tuple[str, str | None]]:
@@ -137,14 +145,16 @@ def _cases(op, providers, modes, tokens, vocabs, dtypes):
 
 def grid_cases(grid: str, device: str) -> list[Case]:
     """The cases of ``grid`` ("small": CPU-sized, seconds; "full": the GPU grid, a few minutes on an H100)."""
-    compiled = ["torch_compile", "apa_fast_compiled"]
-    every = ["apa_fast", "torch", *compiled, *installed_alternatives(device)]
+    compiled = ["eager_compiled", "apa_fast_compiled"]
+    every = ["apa_fast", "eager", *compiled, *installed_alternatives(device)]
     if grid == "small":
         shape = CPU_SHAPE
         groups = [
             _cases("apa_loss", every, MODES, [shape["tokens"]], [shape["vocab"]], [shape["dtype"]]),
-            _cases("apa_loss", ["apa_fast", "torch"], ["full"], CPU_TOKENS, [shape["vocab"]], [shape["dtype"]]),
-            _cases("logprobs", ["apa_fast", "torch"], ["full"], [shape["tokens"]], [shape["vocab"]], [shape["dtype"]]),
+            _cases("apa_loss", ["apa_fast", "eager"], ["full"], CPU_TOKENS, [shape["vocab"]], [shape["dtype"]]),
+            _cases("apa_loss", ["apa_fast", "eager", "eager_compiled"], ["full"], *CPU_LARGE),
+            _cases("logprobs", ["apa_fast", "eager", *installed_alternatives(device)], ["full"], [shape["tokens"]],
+                   [shape["vocab"]], [shape["dtype"]]),
         ]
     else:
         head_t, head_v, head_d = HEADLINE["tokens"], HEADLINE["vocab"], HEADLINE["dtype"]
@@ -155,19 +165,19 @@ def grid_cases(grid: str, device: str) -> list[Case]:
             _cases("apa_loss", every, MODES, GPU_TOKENS, [head_v], [head_d]),
             _cases("apa_loss", every, ["full"], [head_t], GPU_VOCABS, [head_d]),
             _cases("apa_loss", every, ["full"], [head_t], [head_v], ["float32"]),
-            _cases("logprobs", ["apa_fast", "torch", *compiled], MODES, [head_t], [head_v], [head_d]),
+            _cases("logprobs", ["apa_fast", "eager", *compiled], MODES, [head_t], [head_v], [head_d]),
             # The rest of the grid for the fused op and the eager baseline; torch.compile would add a
             # compilation per shape (about 10 s each) for figures the sweeps above already show.
-            _cases("apa_loss", ["apa_fast", "torch"], ["full"], GPU_TOKENS, GPU_VOCABS, GPU_DTYPES),
-            _cases("logprobs", ["apa_fast", "torch"], ["full"], GPU_TOKENS, [head_v], [head_d]),
+            _cases("apa_loss", ["apa_fast", "eager"], ["full"], GPU_TOKENS, GPU_VOCABS, GPU_DTYPES),
+            _cases("logprobs", ["apa_fast", "eager"], ["full"], GPU_TOKENS, [head_v], [head_d]),
         ]
     return list(dict.fromkeys(case for group in groups for case in group))  # dedupe, keep the order
 
 
 def memory_target_cases() -> list[Case]:
-    """The CPU memory target: forward+backward at 2,048 x 50,400 of the torch backend against the reference."""
+    """The CPU memory target: forward+backward at 2,048 x 50,400 of the torch backend against plain eager."""
     shape = CPU_MEMORY_TARGET
-    return list(_cases("apa_loss", ["apa_fast", "torch"], ["full"], [shape["tokens"]], [shape["vocab"]],
+    return list(_cases("apa_loss", ["apa_fast", "eager"], ["full"], [shape["tokens"]], [shape["vocab"]],
                        [shape["dtype"]]))
 
 
@@ -185,14 +195,15 @@ def bytes_by_design(case: Case) -> int:
     passes = DESIGN_PASSES.get((case.provider, case.variant))
     if passes is not None:
         return passes[case.mode] * logits_bytes(case)
-    if case.provider == "torch_compile":
-        # From Inductor's generated code (read, not run on a GPU): the forward loops three times over each row;
-        # the backward of `gather` writes a float32 [tokens x vocab] zeros buffer, scatters into it, and a
-        # fused kernel re-reads it with the logits and writes the gradient.
+    if case.provider == "eager_compiled":
+        # From Inductor's generated code for the reference (read, not run on a GPU; assumed for the plain eager
+        # code, the same log_softmax + gather): the forward loops three times over each row; the backward of
+        # `gather` writes a float32 [tokens x vocab] zeros buffer, scatters into it, and a fused kernel re-reads
+        # it with the logits and writes the gradient.
         float32_nv = case.tokens * case.vocab * 4
         forward, backward = 3 * logits_bytes(case), 2 * float32_nv + 2 * logits_bytes(case)
         return {"forward": forward, "backward": backward, "full": forward + backward}[case.mode]
-    return _eager_bytes(case.op, case.mode, case.tokens, case.vocab, case.dtype)
+    return _eager_bytes(case.provider, case.op, case.mode, case.tokens, case.vocab, case.dtype)
 
 
 class _ByteCounter(TorchDispatchMode):
@@ -223,9 +234,9 @@ class _ByteCounter(TorchDispatchMode):
 
 
 @functools.cache
-def _eager_bytes(op: str, mode: str, tokens: int, vocab: int, dtype: str) -> int:
-    """The eager reference's aten-op traffic for one case, counted on meta tensors (nothing allocated)."""
-    case = Case(op, "torch", mode, tokens, vocab, dtype)
+def _eager_bytes(provider: str, op: str, mode: str, tokens: int, vocab: int, dtype: str) -> int:
+    """An eager provider's aten-op traffic for one case, counted on meta tensors (nothing allocated)."""
+    case = Case(op, provider, mode, tokens, vocab, dtype)
     step, setup = build_measurement(case, make_inputs(case, "meta"))
     args = setup() if mode == "backward" else ()
     with _ByteCounter() as counter:
@@ -258,20 +269,22 @@ def _liger_logprobs(logits, labels, inplace):
 _ALTERNATIVE_LOGPROBS = {"flash_attn": _flash_attn_logprobs, "liger": _liger_logprobs}
 
 
-@functools.cache
-def _compiled(op: str):
-    # Static shapes: each benchmarked shape gets its own specialised graph, as in a fixed-length trainer.
-    for limit in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    eager = reference.apa_loss if op == "apa_loss" else reference.logprobs
-    return torch.compile(eager, dynamic=False)
+def _peer_logprobs(name: str):
+    """A trainer's log-prob function on ``(8, N / 8, V)`` logits (their per-first-dimension loops see 8
+    sequences, as in a micro-batch), flattened back to ``(N,)``."""
+    fn = peers.logprob_providers()[name]
+
+    def logprobs_of(logits, labels, inplace):
+        batch = 8 if logits.shape[0] % 8 == 0 else 1
+        return fn(logits.view(batch, -1, logits.shape[-1]), labels.view(batch, -1)).reshape(-1)
+
+    return logprobs_of
 
 
 @functools.cache
 def _compiled_apa_fast(op: str):
     """The whole loss step with apa_fast inside, compiled with fullgraph=True (no graph break allowed)."""
-    _compiled(op)  # the same dynamo limits
+    baselines.compiled(op)  # the same dynamo limits
     fused = apa_fast.loss if op == "apa_loss" else apa_fast.logprobs
     return torch.compile(fused, dynamic=False, fullgraph=True)
 
@@ -291,14 +304,12 @@ def op_function(case: Case):
             return lambda x: _with_design("0", lambda: fn(x["logits"], x["labels"], x["ref_logprobs"],
                                                           x["advantages"], lam=LAM))
         return lambda x: _with_design("0", lambda: fn(x["logits"], x["labels"]))
-    if case.provider in ("torch", "torch_compile"):
-        eager = case.provider == "torch"
+    if case.provider in ("eager", "eager_compiled"):
+        fn = getattr(baselines, case.op) if case.provider == "eager" else baselines.compiled(case.op)
         if case.op == "apa_loss":
-            fn = reference.apa_loss if eager else _compiled("apa_loss")
             return lambda x: fn(x["logits"], x["labels"], x["ref_logprobs"], x["advantages"], lam=LAM)
-        fn = reference.logprobs if eager else _compiled("logprobs")
         return lambda x: fn(x["logits"], x["labels"])
-    logprobs_of = _ALTERNATIVE_LOGPROBS[case.provider]
+    logprobs_of = _ALTERNATIVE_LOGPROBS.get(case.provider) or _peer_logprobs(case.provider)
     if case.op == "apa_loss":
         return lambda x: _apa_epilogue(logprobs_of(x["logits"], x["labels"], inplace), x)
     return lambda x: logprobs_of(x["logits"], x["labels"], inplace)
@@ -335,7 +346,7 @@ def unavailable_reason(case: Case, device: str) -> str | None:
     ours = case.provider.startswith("apa_fast")
     if ours and str(device).startswith("cuda") and apa_fast._dispatch.interpreter_enabled():
         return "TRITON_INTERPRET is set: the kernels would run in the interpreter (run benchmarks on their own)"
-    if ours or case.provider in _ALTERNATIVE_LOGPROBS:
+    if ours or case.provider in _ALTERNATIVE_LOGPROBS or case.provider in peers.LOGPROBS:
         return _gradient_mismatch(case.provider, case.variant, device)
     return None
 

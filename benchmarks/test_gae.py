@@ -1,7 +1,9 @@
 """Benchmarks of `apa_fast.gae` against the per-timestep loop trainers use (`apa_fast.reference.gae_loop`).
 
 Providers: ``apa_fast`` (``backend`` "cpu"/"cuda": the compiled kernel; "torch": the loop-free PyTorch path;
-``variant`` "whiten" adds whitening) and ``torch`` (the loop). Right-padded float32 rows, as a rollout
+``variant`` "whiten" adds whitening), ``torch`` (the loop) and the GAE functions of verl 0.9.1 and OpenRLHF
+0.11.2 (``verl``, ``openrlhf``: `benchmarks.peers`, their per-timestep loops, without verl's whitening).
+Right-padded float32 rows, as a rollout
 produces them. The memory floor counts reading rewards, values and the mask and writing advantages and
 returns once: 17 bytes a position. CPU grid: B=256, T=1024; GPU grid: up to 2048 x 8192.
 """
@@ -16,7 +18,7 @@ import torch
 from apa_fast import _dispatch
 from apa_fast.gae import gae
 from apa_fast.reference import gae_loop
-from benchmarks import harness
+from benchmarks import harness, peers
 from benchmarks.records import append_record
 
 SHAPES = {
@@ -32,7 +34,7 @@ GAMMA, LAM = 1.0, 0.95
 class Case:
     rows: int
     cols: int
-    provider: str  # "apa_fast" or "torch" (the loop)
+    provider: str  # "apa_fast", "torch" (the loop) or a peer of `benchmarks.peers.GAE`
     backend: str | None = None
     whiten: bool = False
 
@@ -46,7 +48,8 @@ def grid_cases(grid: str, device: str) -> list[Case]:
     kernel = "cuda" if device.startswith("cuda") else "cpu"
     cases = []
     for rows, cols in SHAPES[grid]:
-        cases += [Case(rows, cols, "torch"), Case(rows, cols, "apa_fast", kernel),
+        cases += [Case(rows, cols, "torch"), *(Case(rows, cols, name) for name in peers.GAE),
+                  Case(rows, cols, "apa_fast", kernel),
                   Case(rows, cols, "apa_fast", kernel, whiten=True), Case(rows, cols, "apa_fast", "torch")]
     return cases
 
@@ -76,6 +79,9 @@ def test_gae(gae_case, benchmark, device, copy_gbps):
     rewards, values, mask = right_padded_inputs(case.rows, case.cols, device)
     if case.provider == "torch":
         step = lambda: gae_loop(rewards, values, mask, gamma=GAMMA, lam=LAM)
+    elif case.provider in peers.GAE:
+        float_mask = mask.float()  # as their trainers pass it
+        step = lambda: peers.GAE[case.provider](rewards, values, float_mask, gamma=GAMMA, lam=LAM)
     else:
         step = lambda: gae(rewards, values, mask, gamma=GAMMA, lam=LAM, whiten=case.whiten, backend=case.backend)
     tokens = case.rows * case.cols

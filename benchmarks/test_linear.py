@@ -9,6 +9,10 @@ bias (their memory counts in every provider's peak); records carry op "linear_lo
 * ``matmul+eager``: the plain eager loss (`benchmarks.baselines`) of ``hidden @ weight.T + bias``: the naive
   full-logits path a trainer runs.
 
+* ``liger`` (where liger-kernel is installed): Liger's chunked fused-linear GRPO loss (`benchmarks.peers`), the
+  clipped PPO surrogate rather than APA (the per-token epilogue is a few flops a token beside the matmuls), on
+  ``(8, tokens / 8, H)`` hidden states (it chunks by sequence, one at a time).
+
 ``chunk_size`` (a case field, None for the default) is passed to ``fused_linear``.
 
 CPU (always): 2,048 and 4,096 tokens x H 1,024 x V 50,400 float32 (one step takes 3-10 s on 2 cores): time
@@ -30,11 +34,11 @@ import torch
 
 import apa_fast
 from apa_fast.linear import linear_loss
-from benchmarks import baselines, harness
+from benchmarks import baselines, harness, peers
 from benchmarks.memory import peak_rss_in_subprocess
 from benchmarks.records import append_record
 
-PROVIDERS = ("fused_linear", "matmul+fused", "matmul+eager")
+PROVIDERS = ("fused_linear", "matmul+fused", "matmul+eager", *(("liger",) if peers.installed("liger_kernel") else ()))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_TOKENS, CPU_HIDDEN, VOCAB = (2048, 4096), 1024, 50400
 CPU_MEMORY_RATIO = 0.3
@@ -84,6 +88,10 @@ def make_inputs(case: Case, device: str) -> dict:
 def _loss(case: Case, inputs: dict) -> torch.Tensor:
     hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]
     data = (inputs["labels"], inputs["ref_logprobs"], inputs["advantages"], inputs["mask"])
+    if case.provider == "liger":
+        batch = (8, hidden.shape[0] // 8)
+        labels, old, adv, mask = (t.view(batch) for t in data)
+        return peers.liger_ppo_loss(hidden.view(*batch, -1), weight, labels, old, adv, mask, bias=bias)
     if case.provider == "fused_linear":
         return linear_loss(hidden, weight, *data, bias=bias, lam=LAM, chunk_size=case.chunk_size)
     logits = hidden @ weight.T + bias
