@@ -11,8 +11,9 @@ Two designs of the gradient, the same numbers:
   the backward re-reads the logits and writes ``dlogits``;
 * training mode (the logits need a gradient and the loss is reduced to a scalar): one pass computes the loss
   and writes ``dlogits`` while the row is on chip; the backward returns it, scaled by the upstream gradient.
-  ``APA_FAST_FUSED_GRAD=0`` / ``=1`` forces the two-kernel / training-mode design (default ``auto``: training
-  mode on the Triton backend, two kernels on the torch backend).
+  ``APA_FAST_FUSED_GRAD=0`` / ``=1`` forces the two-kernel / training-mode design (default ``auto``: on the
+  Triton backend the byte model's choice, training mode where its rows in flight stay in L2 (``python -m
+  apa_fast.info --design TOKENS V DTYPE`` says which runs); two kernels on the torch backend).
 
 The kernels are registered as ``torch.library`` custom ops (``apa_fast::logprob_forward``, ``..._backward``,
 ``..._loss_and_grad``, and the value checks of ``apa_fast::token_labels``), with fake kernels and autograd
@@ -68,13 +69,22 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def fused_grad_wanted(backend: str) -> bool:
-    """Whether training mode runs where it applies: ``APA_FAST_FUSED_GRAD`` (auto, 0, 1), read at call time."""
+def fused_grad_wanted(backend: str, logits: torch.Tensor) -> bool:
+    """Whether training mode runs where it applies: ``APA_FAST_FUSED_GRAD`` (auto, 0, 1), read at call time.
+
+    auto: on Triton, the byte model's choice for the logits' row size and the device's SMs and L2
+    (`apa_fast.kernels.logprob.training_mode_pays`: training mode where its rows in flight stay in L2); on the
+    torch backend two kernels (its two passes measured faster on CPUs).
+    """
     mode = os.environ.get("APA_FAST_FUSED_GRAD", "auto") or "auto"
     if mode not in FUSED_GRAD_MODES:
         raise ValueError(f"APA_FAST_FUSED_GRAD must be one of {FUSED_GRAD_MODES}, got {mode!r}")
-    # auto: the Triton kernel reads each row from DRAM once; on CPUs the torch backend's two passes measured faster.
-    return backend == "triton" if mode == "auto" else mode == "1"
+    if mode != "auto":
+        return mode == "1"
+    if backend != "triton":
+        return False
+    kernels = implementation(backend)
+    return kernels.training_mode_pays(logits.shape[-1] * logits.element_size(), *kernels.device_limits(logits.device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,7 +443,7 @@ def _fused(kind: LossKind, logits, labels, aux, adv, mask, *, temperature, ignor
     # The gradient goes to a new buffer when it may not land in the logits' own memory.
     inplace_backward = bool(inplace_backward) and writable_logits(logits)
     if (needs_grad and t.reduction != "none" and not inplace_backward and not transformed(logits)
-            and fused_grad_wanted(t.backend)):
+            and fused_grad_wanted(t.backend, logits)):
         output, _, entropy_rows = _loss_and_grad(logits, t.labels, t.aux, t.adv, t.denom, kind.id, t.inv_temperature,
                                                  t.param0, t.param1, t.reduction, t.backend, entropy_coef, entropy)
         # The entropy term is in the output already (and its gradient in the precomputed one).

@@ -50,6 +50,8 @@ in the same loop: the same loads and stores, two more instructions per logit.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -72,11 +74,25 @@ _EXP2_FLOOR = tl.constexpr(-256.0)
 # grid (`grad_programs`) bounds the rows in flight so that its second pass over each row hits L2.
 MAX_BLOCK_V = 4096
 MAX_GRAD_BLOCK_V = 16384
-# The share of the L2 that the forward-with-gradient kernel's rows in flight aim at: the rest holds the
-# gradient lines on their way out and everything else. H100: 12.5 MB of 50 MB, one 100.8 KB bf16 row of
-# V = 50,400 per SM (13.3 MB: an SM is never left idle to stay under the target).
-L2_SHARE = 0.25
-# What the launcher assumes where the device does not say (CPU tensors under the interpreter): an H100.
+# The byte model of training mode (benchmarks/README.md, "Training mode sized by the byte model"): a row is
+# re-read from L2 only if the rows in flight (one per program of the persistent grid) fit in this share of the
+# L2; the rest holds the gradient lines on their way out (evict-first) and everything else. H100 (50 MB): 25 MB,
+# 248 bf16 rows of V = 50,400 (100.8 KB).
+L2_BUDGET = 0.5
+# Training mode moves 2L when its rows fit, on as many SMs as they allow; two kernels move 3L on every SM. With
+# fewer than this share of the SMs streaming, 2L would take longer than 3L on all (each SM pulling its share of
+# the bandwidth), so `auto` runs two kernels there.
+MIN_SM_SHARE = 2 / 3
+# Two CTAs per SM (blocks of MAX_GRAD_BLOCK_V / 2, 512 threads) where the rows in flight allow 1.5 rows per SM:
+# one CTA's per-row tail (reductions, barriers, dependent loads) overlaps the other's streaming, and the SASS
+# model counts fewer instructions per logit (19.4 instead of 26.1 at V = 50,400 bf16: a quarter of the threads'
+# tail and a smaller last partial block), the same bytes in flight per SM.
+TWO_CTAS_PER_SM = 1.5
+# Registers per thread the persistent grid assumes when it counts the CTAs an SM holds (64K registers each): the
+# AOT report checks that every forward_grad variant stays within (tests/test_aot.py).
+MAX_GRAD_REGISTERS = 64
+# What the launcher assumes where the device does not say (CPU tensors, or `python -m apa_fast.info --design`
+# without a GPU): an H100 SXM, 132 SMs and 50 MB of L2.
 DEFAULT_SMS, DEFAULT_L2_BYTES = 132, 50 * 2**20
 
 
@@ -87,9 +103,18 @@ def block_config(vocab: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def grad_block_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the forward-with-gradient kernel: 16 elements per thread, up to 32 warps."""
+def l2_rows(row_bytes: int, l2_bytes: int = DEFAULT_L2_BYTES) -> int:
+    """How many rows of ``row_bytes`` stay in L2 at once (`L2_BUDGET` of it; at least one)."""
+    return max(1, int(L2_BUDGET * l2_bytes) // max(row_bytes, 1))
+
+
+def grad_block_config(vocab: int, row_bytes: int = 0, sms: int = DEFAULT_SMS,
+                      l2_bytes: int = DEFAULT_L2_BYTES) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the forward-with-gradient kernel: 16 elements per thread, up to 32 warps; half the
+    block (two CTAs per SM) where `l2_rows` allows `TWO_CTAS_PER_SM` rows per SM."""
     block = min(triton.next_power_of_2(max(vocab, 16)), MAX_GRAD_BLOCK_V)
+    if block == MAX_GRAD_BLOCK_V and l2_rows(row_bytes, l2_bytes) >= TWO_CTAS_PER_SM * sms:
+        block //= 2
     return block, max(1, min(32, block // 512))
 
 
@@ -97,19 +122,66 @@ def grad_programs(rows: int, row_bytes: int, num_warps: int, sms: int = DEFAULT_
                   l2_bytes: int = DEFAULT_L2_BYTES) -> int:
     """Programs of the persistent forward-with-gradient kernel: its rows in flight.
 
-    As many rows as fit in ``L2_SHARE`` of the L2, at least one program per SM (fewer would idle SMs), at
-    most what the SMs hold at once (2,048 threads each) and never more than ``rows``.
+    As many rows as stay in L2 (`l2_rows`: SMs are left idle rather than the re-read missing), at most what the
+    SMs hold at once (2,048 threads and 64K registers each, at `MAX_GRAD_REGISTERS`: a program that waited for a
+    slot would run its rows after the others), never more than ``rows``.
     """
-    per_sm = max(1, min(int(L2_SHARE * l2_bytes) // max(sms * row_bytes, 1), 2048 // (32 * num_warps)))
-    return max(1, min(rows, per_sm * sms))
+    threads = 32 * num_warps
+    per_sm = max(1, min(2048 // threads, 65536 // (MAX_GRAD_REGISTERS * threads)))
+    return max(1, min(rows, l2_rows(row_bytes, l2_bytes), per_sm * sms))
 
 
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SM count, L2 bytes) of ``device``; the defaults where it is not a CUDA device."""
+def training_mode_pays(row_bytes: int, sms: int = DEFAULT_SMS, l2_bytes: int = DEFAULT_L2_BYTES) -> bool:
+    """The byte model's choice: training mode (2L) where enough rows stay in L2 to keep `MIN_SM_SHARE` of the SMs
+    streaming, else two kernels (3L)."""
+    return l2_rows(row_bytes, l2_bytes) >= MIN_SM_SHARE * sms
+
+
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, L2 bytes) of ``device``; `DEFAULT_SMS`, `DEFAULT_L2_BYTES` where it is not a CUDA device."""
     if device.type != "cuda":
         return DEFAULT_SMS, DEFAULT_L2_BYTES
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, getattr(props, "L2_cache_size", DEFAULT_L2_BYTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """What runs for ``rows`` token rows of ``vocab`` logits of ``itemsize`` bytes in training mode
+    (`design`)."""
+
+    rows: int
+    vocab: int
+    itemsize: int
+    sms: int
+    l2_bytes: int
+    training_mode: bool  # the byte model's choice (``APA_FAST_FUSED_GRAD=auto``)
+    block_v: int  # training mode's launch, forced or chosen
+    num_warps: int
+    programs: int
+
+    @property
+    def rows_in_flight_bytes(self) -> int:
+        return self.programs * self.vocab * self.itemsize
+
+    @property
+    def ctas_per_sm(self) -> int:
+        return -(-self.programs // self.sms)
+
+    @property
+    def training_mode_bytes(self) -> int:
+        """Training mode's DRAM bytes (forward + backward of a scalar loss) over L, the logits' bytes: 2 when its rows
+        in flight stay in L2 (always, unless a single row exceeds the budget: then 3). Two kernels move 3."""
+        return 2 if self.rows_in_flight_bytes <= L2_BUDGET * self.l2_bytes else 3
+
+
+def design(rows: int, vocab: int, itemsize: int, sms: int = DEFAULT_SMS, l2_bytes: int = DEFAULT_L2_BYTES) -> Design:
+    """The byte model's design and training mode's launch for ``rows`` x ``vocab`` logits of ``itemsize`` bytes on
+    a GPU with ``sms`` SMs and ``l2_bytes`` of L2 (default: an H100 SXM)."""
+    row_bytes = vocab * itemsize
+    block, num_warps = grad_block_config(vocab, row_bytes, sms, l2_bytes)
+    return Design(rows, vocab, itemsize, sms, l2_bytes, training_mode_pays(row_bytes, sms, l2_bytes), block,
+                  num_warps, grad_programs(rows, row_bytes, num_warps, sms, l2_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,8 +512,8 @@ def _forward_launch(rows3d, labels, aux, adv, outputs, *, loss_kind, inv_tempera
 def _forward_grad_launch(rows3d, labels, aux, adv, out3d, row_scale, outputs, *, loss_kind, inv_temperature, param0,
                          param1, entropy_coef=0.0, limits=None):
     rows, vocab = labels.numel(), rows3d.shape[-1]
-    block, num_warps = grad_block_config(vocab)
-    sms, l2_bytes = limits or _device_limits(rows3d.device)
+    sms, l2_bytes = limits or device_limits(rows3d.device)
+    block, num_warps = grad_block_config(vocab, vocab * rows3d.element_size(), sms, l2_bytes)
     programs = grad_programs(rows, vocab * rows3d.element_size(), num_warps, sms, l2_bytes)
     args = (rows3d, *_layout(rows3d), out3d, *_layout(out3d)[:3], labels, aux, adv, row_scale,
             *_per_row_outputs(outputs), rows, vocab, inv_temperature, param0, param1, entropy_coef)

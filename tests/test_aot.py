@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from apa_fast.kernels.logprob import MAX_GRAD_REGISTERS
 
 from apa_fast import aot
 
@@ -91,6 +92,8 @@ def test_odd_vocabularies_get_full_width_loop_accesses():
     assert len(rows) == len(aligned) == 6
     for row in rows:
         assert row["ok"] and row["spill_bytes"] == 0, row
+        if row["pass"] == "forward_grad":  # what the persistent grid assumes when it counts CTAs per SM
+            assert row["registers"] <= MAX_GRAD_REGISTERS, row
         twin = aligned[row["pass"], row["kernel"]]
         for loop, twin_loop in zip(row["loops"], twin["loops"], strict=True):
             assert loop["load_bits"] == 128 and loop["store_bits"] == twin_loop["store_bits"], row
@@ -169,6 +172,26 @@ def test_report_options_need_aot(flag):
                                            ("--kind=dpo", "expected kinds among")])
 def test_report_options_are_checked(flag, message):
     result = _run("--aot", "sm_90", flag) if aot.toolchain_error() is None else _run("--json", flag)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, auto", [(("16384", "50400", "bf16"), "training mode"),
+                                        (("16384", "151936", "bfloat16"), "two kernels"),
+                                        (("4096", "128256", "fp32"), "two kernels")])
+def test_design_report_names_the_design_auto_runs(args, auto):
+    """``--design TOKENS V DTYPE``: the byte model's choice (an H100 where there is no GPU), both launches."""
+    result = _run("--design", *args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith(f"auto          {auto}:"), result.stdout
+    assert lines[2].startswith("training mode (=1) BLOCK_V") and lines[3].startswith("two kernels (=0) BLOCK_V")
+
+
+@pytest.mark.parametrize("args, message", [(("0", "50400", "bf16"), "TOKENS must be a positive integer"),
+                                           (("16", "50k", "bf16"), "V must be a positive integer"),
+                                           (("16", "50400", "int8"), "DTYPE must be one of")])
+def test_design_report_checks_its_arguments(args, message):
+    result = _run("--design", *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

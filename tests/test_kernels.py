@@ -135,13 +135,62 @@ def _labels(rows, vocab, not_counted=()):
 
 
 def test_rows_in_flight_of_the_persistent_kernel():
-    """On an H100 (132 SMs, 50 MB L2): one row per SM for GPT-J's bf16 rows (100.8 KB), more for small rows,
-    never more programs than rows or than the SMs hold (2,048 threads each)."""
+    """On an H100 (132 SMs, 50 MB L2; 25 MB for rows in flight): two 512-thread CTAs per SM where the rows allow
+    (260 of GPT-J's 100.8 KB bf16 rows), one 1,024-thread CTA per SM at most, fewer programs than SMs where the
+    rows do not stay in L2, never more than the SMs hold (at 64 registers a thread) or than there are rows."""
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 50400 * 2, 16) == 260
     assert UNPATCHED_GRAD_PROGRAMS(16384, 50400 * 2, 32) == 132
-    assert UNPATCHED_GRAD_PROGRAMS(16384, 151936 * 4, 32) == 132  # too big for the share: still every SM
-    assert UNPATCHED_GRAD_PROGRAMS(16384, 4096 * 2, 8) == 132 * 8  # small rows: as many as the SMs hold
-    assert UNPATCHED_GRAD_PROGRAMS(16384, 16384 * 2, 32) == 132 * 2
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 151936 * 4, 32) == 43  # 607.7 KB rows: 43 stay in 25 MB
+    assert UNPATCHED_GRAD_PROGRAMS(16384, 4096 * 2, 8) == 132 * 4  # small rows: as many as the SMs hold
     assert UNPATCHED_GRAD_PROGRAMS(5, 50400 * 2, 32) == 5
+
+
+# The issue's vocabularies: (V, bytes per logit) -> (training mode under `auto`, BLOCK_V, programs) on an H100.
+DESIGNS = {
+    (32000, 2): (True, 8192, 264), (32000, 4): (True, 8192, 204), (32001, 2): (True, 8192, 264),
+    (50257, 2): (True, 8192, 260), (50400, 2): (True, 8192, 260), (50400, 4): (True, 16384, 130),
+    (128256, 2): (True, 16384, 102), (128257, 2): (True, 16384, 102), (128256, 4): (False, 16384, 51),
+    (151936, 2): (False, 16384, 86), (151936, 4): (False, 16384, 43), (256000, 2): (False, 16384, 51),
+}
+
+
+@pytest.mark.parametrize("vocab, itemsize", sorted(DESIGNS))
+def test_design_by_the_byte_model(monkeypatch, vocab, itemsize):
+    """Issue 21 item 2 on an H100: training mode where its rows in flight stay in half the L2 on at least 2/3 of
+    the SMs, two kernels elsewhere; either way no launch moves more than 3L (training mode 2L: its rows in flight,
+    forced with APA_FAST_FUSED_GRAD=1 too, stay within the budget)."""
+    monkeypatch.undo()  # the real block caps and grid (`small_blocks` lowers them)
+    d = K.design(16384, vocab, itemsize)
+    assert (d.training_mode, d.block_v, d.programs) == DESIGNS[vocab, itemsize]
+    assert d.rows_in_flight_bytes <= K.L2_BUDGET * K.DEFAULT_L2_BYTES and d.training_mode_bytes == 2
+    assert d.ctas_per_sm <= (2 if d.block_v == K.MAX_GRAD_BLOCK_V // 2 else 1)
+    assert d.training_mode == (d.programs >= K.MIN_SM_SHARE * K.DEFAULT_SMS)
+
+
+def test_design_follows_the_device(monkeypatch):
+    """The device's SMs and L2 move the line: an A100 (108 SMs, 40 MB) keeps two CTAs per SM at 50,400 bf16 (208
+    rows stay in 20 MB) and runs two kernels at 151,936 (69 rows, under 72 SMs); a quarter of an H100's L2 leaves
+    130 of its 132 SMs streaming at 50,400 (one CTA each); a row larger than the budget alone is 3L even forced."""
+    monkeypatch.undo()
+    a100 = {"sms": 108, "l2_bytes": 40 * 2**20}
+    assert (K.design(16384, 50400, 2, **a100).block_v, K.design(16384, 50400, 2, **a100).programs) == (8192, 208)
+    assert not K.design(16384, 151936, 2, **a100).training_mode
+    small = K.design(16384, 50400, 2, l2_bytes=25 * 2**20)
+    assert (small.training_mode, small.block_v, small.programs, small.ctas_per_sm) == (True, 16384, 130, 1)
+    huge = K.design(64, 8 * 2**20, 4)  # a 32 MiB row
+    assert huge.programs == 1 and huge.training_mode_bytes == 3 and not huge.training_mode
+
+
+@pytest.mark.parametrize("mode, vocab, backend, wanted", [
+    ("auto", 50400, "triton", True), ("auto", 151936, "triton", False), ("auto", 50400, "torch", False),
+    ("1", 151936, "triton", True), ("0", 50400, "triton", False), ("1", 50400, "torch", True)])
+def test_fused_grad_auto_is_the_byte_model(monkeypatch, mode, vocab, backend, wanted):
+    """APA_FAST_FUSED_GRAD=auto is the byte model's choice on Triton (the defaults stand in for a GPU here), two
+    kernels on the torch backend; 0 and 1 override it."""
+    from apa_fast.logprob import fused_grad_wanted
+
+    monkeypatch.setenv("APA_FAST_FUSED_GRAD", mode)
+    assert fused_grad_wanted(backend, torch.empty(4, vocab, dtype=torch.bfloat16, device="meta")) is wanted
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
