@@ -67,6 +67,63 @@ def test_plan_names_every_point_and_keeps_the_shared_fields(tmp_path):
                                                                         str(tmp_path / "awr_awr_lam=3_seed4"))
 
 
+GROUP = "apa+advantage_estimator=group+rollout_batch_size=8"
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    (f"{GROUP}:apa_lam=0.1,1", (GROUP, "apa_lam", [0.1, 1])),
+    (" apa + advantage_estimator = group + rollout_batch_size=8 : apa_lam=0.1", (GROUP, "apa_lam", [0.1])),
+    ("ppo+samples_per_prompt=2+advantage_estimator=group:ppo_kl_coef=0.05",
+     ("ppo+samples_per_prompt=2+advantage_estimator=group", "ppo_kl_coef", [0.05])),
+    ("apa+reward=apa_fast.train.rewards:honest_cheer:apa_lam=1",  # the swept part follows the last colon
+     ("apa+reward=apa_fast.train.rewards:honest_cheer", "apa_lam", [1])),
+])
+def test_grids_with_fixed_settings_parse(spec, expected):
+    assert parse_grid(spec) == expected
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    ("apa+group:apa_lam=0.1", "fixed setting 'group' is not KEY=VALUE"),
+    ("apa+estimator=group:apa_lam=0.1", "fixed setting 'estimator' is not a config field"),
+    ("apa+seed=3:apa_lam=0.1", "fixed setting seed is given by --seeds"),
+    ("apa+apa_lam=1:apa_lam=0.1", "fixed setting apa_lam is given as the swept field"),
+    ("apa+lr=1e-3+lr=2e-3:apa_lam=0.1", "fixed setting lr is given twice"),
+    ("apa+save_every=5:apa_lam=0.1", "fixed setting save_every does not change what a run learns"),
+    ("apa+ppo_kl_coef=0.1:apa_lam=0.1", "ppo_kl_coef is a parameter of ppo, it does not change apa"),
+    ("apa+dataset=a/b.jsonl:apa_lam=0.1", "fixed setting 'dataset=a/b.jsonl': the value names the points' folders"),
+])
+def test_bad_fixed_settings_are_named(spec, reason):
+    with pytest.raises(GridError, match=rf"^--grid {re.escape(repr(spec))}: {reason}"):
+        parse_grid(spec)
+
+
+def test_a_series_with_fixed_settings_runs_and_plots_beside_the_plain_one(tmp_path):
+    points = plan(TrainConfig(), ["apa:apa_lam=0.1", f"{GROUP}:apa_lam=0.1"], 1, tmp_path)
+    assert [p.name for p, _ in points] == ["apa_apa_lam=0.1_seed0", f"{GROUP}_apa_lam=0.1_seed0"]
+    (plain, gae), (group_point, group) = points
+    assert (gae.advantage_estimator, gae.sequences_per_step) == ("gae", 32)
+    assert (group.advantage_estimator, group.rollout_batch_size, group.sequences_per_step) == ("group", 8, 32)
+    assert (group_point.algorithm, group.algo, group.apa_lam) == ("apa", "apa", 0.1)
+    with pytest.raises(GridError, match="needs samples_per_prompt >= 2"):  # the settings are validated too
+        plan(TrainConfig(), ["apa+advantage_estimator=group+samples_per_prompt=1:apa_lam=0.1"], 1, tmp_path)
+
+    def record(point, reward, kl):
+        return {"algorithm": point.algorithm, "series": point.series, "parameter": point.parameter,
+                "value": point.value, "seed": point.seed, "steps": 40, "reward": reward, "reward_std": 0.0, "kl": kl,
+                "kl_std": 0.0, "wall_s": 1.0, "evaluator": "eval_reward", "heldout_reward": reward,
+                "heldout_train_reward": reward, "heldout_kl": kl, "heldout_entropy": 5.0, "heldout_distinct_2": 0.9,
+                "heldout_curve": [[0, 0.0], [320, reward]]}
+
+    records = [record(plain, 0.7, 12.0), record(group_point, 0.4, 3.0)]
+    assert frontier.efficiency_points(records) == {("apa", "apa_lam"): 0.1, (GROUP, "apa_lam"): 0.1}
+    frontier.write_outputs(tmp_path, records, "apa-train frontier ...", "test")
+    table = (tmp_path / "frontier.md").read_text()
+    assert "## APA: apa_lam" in table and "## APA advantage_estimator=group, rollout_batch_size=8: apa_lam" in table
+    assert "| 0.1 | 0.700 | 12.00 |" in table and "| 0.1 | 0.400 | 3.00 |" in table
+    assert "- APA advantage_estimator=group, rollout_batch_size=8 apa_lam=0.1: 0: 0.000, 320: 0.400" in table
+    assert (tmp_path / "frontier.png").stat().st_size and (tmp_path / "efficiency.png").stat().st_size
+
+
 @pytest.mark.parametrize("argv", [["--grid", "apa:apa_lam=0,1"], ["--grid", "apa"], ["--grid", "apa:apa_lam=1",
                                   "--set", "save_every=0"], ["--grid", "apa:apa_lam=1", "--jobs", "0"]])
 def test_command_line_errors_exit_2_in_one_line_before_any_run(tmp_path, capsys, argv):
@@ -97,7 +154,8 @@ def test_frontier_runs_resumes_skips_and_writes_its_outputs(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "frontier.jsonl").read_text().splitlines()]
     assert [(r["algorithm"], r["parameter"], r["value"], r["seed"], r["steps"]) for r in records] == [
         ("apa", "apa_lam", 0.1, 0, 2), ("awr", "awr_lam", 1, 0, 2)]
-    keys = {"algorithm", "parameter", "value", "seed", "steps", "reward", "reward_std", "kl", "kl_std", "wall_s",
+    keys = {"algorithm", "series", "parameter", "value", "seed", "steps", "reward", "reward_std", "kl", "kl_std",
+            "wall_s",
             # the held-out evaluations (on by default; tests/test_train_eval.py checks their values)
             "evaluator", "heldout_reward", "heldout_train_reward", "heldout_kl", "heldout_entropy",
             "heldout_distinct_2", "heldout_curve"}

@@ -5,7 +5,11 @@ Sweeps each algorithm's parameter (APA's lam, PPO's KL coefficient, AWR's lam) o
     apa-train frontier --output-dir runs/frontier --grid "apa:apa_lam=0.03,0.1,0.3,1" \\
         --grid "ppo:ppo_kl_coef=0.01,0.05,0.2" --grid "awr:awr_lam=1,3" --seeds 2 --max-steps 80
 
-Every point (algorithm, value, seed) is an ordinary run in its own folder of the output directory, with its
+A grid may fix other fields for its runs, making a series of its own: ``--grid
+"apa+advantage_estimator=group+rollout_batch_size=8:apa_lam=0.1,0.3"`` is APA without a critic, plotted beside
+the plain ``apa`` grid's curve.
+
+Every point (series, value, seed) is an ordinary run in its own folder of the output directory, with its
 ``config.yaml``: it resumes like any run (``apa-train --config D/<point>/config.yaml --resume``), and running the
 command again skips the finished points and resumes the interrupted ones. The points run in worker processes
 (``--jobs N`` of them, the CPU threads split between them), each run's output going to its ``train.log``.
@@ -46,7 +50,8 @@ from .config import (
     make_config,
 )
 
-GRID = re.compile(r"(?P<algorithm>[^:]*):(?P<parameter>[^=]*)=(?P<values>.*)")
+# The swept part follows the last colon (a fixed setting's value may hold one: a reward's module:function).
+GRID = re.compile(r"(?P<series>.*):(?P<parameter>[^=:]*)=(?P<values>[^:]*)")
 COLORS = {"apa": "tab:blue", "ppo": "tab:orange", "awr": "tab:green"}
 # The fields only one algorithm reads; every other field (ppo_epochs, lr, ...) changes the runs of all three.
 ALGORITHM_FIELDS = {"apa": ("apa_lam",), "awr": ("awr_lam", "awr_max_weight"),
@@ -59,19 +64,42 @@ class GridError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One run of the sweep: ``parameter = value`` for ``algorithm`` with ``seed``."""
+    """One run of the sweep: ``parameter = value`` for ``series`` with ``seed``. The series is the algorithm,
+    then the grid's fixed settings: ``"apa"``, ``"apa+advantage_estimator=group+rollout_batch_size=8"``."""
 
-    algorithm: str
+    series: str
     parameter: str
     value: float
     seed: int
 
     @property
+    def algorithm(self) -> str:
+        return self.series.partition("+")[0]
+
+    @property
     def name(self) -> str:
-        return f"{self.algorithm}_{self.parameter}={number(self.value)}_seed{self.seed}"
+        return f"{self.series}_{self.parameter}={number(self.value)}_seed{self.seed}"
 
     def label(self) -> str:
-        return f"{self.algorithm} {self.parameter}={number(self.value)} seed {self.seed}"
+        return f"{self.series} {self.parameter}={number(self.value)} seed {self.seed}"
+
+
+def series_title(series: str) -> str:
+    """How tables and legends name a series: ``"APA"``, ``"APA advantage_estimator=group, rollout_batch_size=8"``."""
+    algorithm, _, settings = series.partition("+")
+    return " ".join(filter(None, (algorithm.upper(), settings.replace("+", ", "))))
+
+
+def setting(text: str) -> tuple[str, typing.Any]:
+    """``"rollout_batch_size=8"`` -> ``("rollout_batch_size", 8)``: a grid's fixed setting, its value read as YAML
+    (as ``--set`` reads it). Raises ValueError for a malformed one."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise ValueError(f"fixed setting {text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(f"fixed setting {text!r}: the value is not valid YAML") from None
 
 
 def number(value: float) -> str:
@@ -82,17 +110,38 @@ def number(value: float) -> str:
 
 
 def parse_grid(spec: str) -> tuple[str, str, list[float]]:
-    """``"apa:apa_lam=0.03,0.1"`` -> ``("apa", "apa_lam", [0.03, 0.1])``; errors name the string."""
+    """``"apa:apa_lam=0.03,0.1"`` -> ``("apa", "apa_lam", [0.03, 0.1])``, and with fixed settings
+    ``"apa + samples_per_prompt=8:apa_lam=0.1"`` -> ``("apa+samples_per_prompt=8", "apa_lam", [0.1])`` (the series,
+    without the spaces around its parts: it names the points' folders); errors name the string."""
     def error(reason: str) -> GridError:
         return GridError(f"--grid {spec!r}: {reason}")
 
     match = GRID.fullmatch(spec.strip())
     if not match:
-        raise error("expected ALGORITHM:FIELD=V1,V2,... (e.g. apa:apa_lam=0.1,0.3,1)")
-    algorithm, parameter = match["algorithm"].strip(), match["parameter"].strip()
+        raise error("expected ALGORITHM:FIELD=V1,V2,... (e.g. apa:apa_lam=0.1,0.3,1), or with fixed settings "
+                    "ALGORITHM+KEY=VALUE+...:FIELD=V1,V2,...")
+    algorithm, *fixed = [part.strip() for part in match["series"].split("+")]
+    parameter = match["parameter"].strip()
     if algorithm not in ALGOS:
         raise error(f"algorithm {algorithm!r} is not one of {ALGOS}")
-    hints = typing.get_type_hints(TrainConfig)
+    hints, keys, series = typing.get_type_hints(TrainConfig), [], [algorithm]
+    for text in fixed:
+        try:
+            key, value = setting(text)
+        except ValueError as exc:
+            raise error(str(exc)) from None
+        if key not in hints:
+            raise error(f"fixed setting {key!r} is not a config field")
+        given = {"algo": "by the grid's algorithm", "seed": "by --seeds", "max_steps": "by --max-steps",
+                 parameter: "as the swept field", **dict.fromkeys(keys, "twice")}
+        if key in given:
+            raise error(f"fixed setting {key} is given {given[key]}")
+        if key in RESUME_MAY_CHANGE:
+            raise error(f"fixed setting {key} does not change what a run learns: give it to every run with --set")
+        if isinstance(value, (dict, list)) or "/" in str(value):
+            raise error(f"fixed setting {text!r}: the value names the points' folders: a scalar without '/'")
+        keys.append(key)
+        series.append(f"{key}={text.partition('=')[2].strip()}")
     numeric = sorted(name for name, hint in hints.items() if hint in (int, float) and name != "seed")
     if parameter not in numeric:
         raise error(f"{parameter!r} is not a numeric config field to sweep (seeds: --seeds); one of {numeric}")
@@ -100,9 +149,10 @@ def parse_grid(spec: str) -> tuple[str, str, list[float]]:
         raise error("max_steps is the same for every run of a sweep: give it with --max-steps")
     if parameter in RESUME_MAY_CHANGE:
         raise error(f"{parameter} does not change what a run learns: give it to every run with --set")
-    other = [a for a, fields in ALGORITHM_FIELDS.items() if a != algorithm and parameter in fields]
-    if other:
-        raise error(f"{parameter} is a parameter of {other[0]}, it does not change {algorithm}")
+    for field in (parameter, *keys):
+        other = [a for a, owned in ALGORITHM_FIELDS.items() if a != algorithm and field in owned]
+        if other:
+            raise error(f"{field} is a parameter of {other[0]}, it does not change {algorithm}")
     values = []
     for raw in match["values"].split(","):
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -114,22 +164,23 @@ def parse_grid(spec: str) -> tuple[str, str, list[float]]:
         if value in values:
             raise error(f"value {number(value)} appears twice")
         values.append(value)
-    return algorithm, parameter, values
+    return "+".join(series), parameter, values
 
 
 def plan(base: TrainConfig, specs: list[str], seeds: int, out: Path) -> list[tuple[Point, TrainConfig]]:
     """Every point of the grids and its run's config (validated), in grid order, seeds innermost."""
     points: dict[str, tuple[Point, TrainConfig]] = {}
     for spec in specs:
-        algorithm, parameter, values = parse_grid(spec)
+        series, parameter, values = parse_grid(spec)
+        algorithm, *fixed = series.split("+")
         for value in values:
             for seed in range(base.seed, base.seed + seeds):
-                point = Point(algorithm, parameter, value, seed)
+                point = Point(series, parameter, value, seed)
                 if point.name in points:
                     raise GridError(f"--grid {spec!r}: {point.label()} is already in another grid")
                 try:
                     cfg = dataclasses.replace(base, algo=algorithm, seed=seed, output_dir=str(out / point.name),
-                                              **{parameter: value})
+                                              **dict(map(setting, fixed)), **{parameter: value})
                 except ConfigError as exc:
                     raise GridError(f"--grid {spec!r}: {exc}") from None
                 points[point.name] = point, cfg
@@ -285,12 +336,14 @@ def run_point(values: dict, launcher: str | None) -> tuple[str | None, float]:
 
 def point_record(point: Point, cfg: TrainConfig) -> dict:
     """The run's record: reward and KL are means over the last quarter of its steps (std over those steps), and
-    the held-out figures (`heldout_figures`) when the run evaluated."""
+    the held-out figures (`heldout_figures`) when the run evaluated. ``series`` is the algorithm and the grid's
+    fixed settings (`Point`): records of one series and parameter make one curve."""
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     last = rows[-max(len(rows) // 4, 1):]
     reward, kl = [r["reward_mean"] for r in last], [r["kl"] for r in last]
-    return {"algorithm": point.algorithm, "parameter": point.parameter, "value": point.value, "seed": point.seed,
+    return {"algorithm": point.algorithm, "series": point.series, "parameter": point.parameter,
+            "value": point.value, "seed": point.seed,
             "steps": rows[-1]["step"], "reward": statistics.fmean(reward), "reward_std": statistics.pstdev(reward),
             "kl": statistics.fmean(kl), "kl_std": statistics.pstdev(kl),
             "wall_s": sum(r["gen_s"] + r["update_s"] for r in rows),
@@ -301,7 +354,9 @@ def heldout_figures(run_dir: Path, steps: int) -> dict:
     """The run's held-out evaluations (its eval.jsonl; {} without one), averaged over those in the last quarter
     of its ``steps`` (at least the last): ``heldout_reward`` is the evaluator's (``evaluator`` names it: the
     training reward's when the run had no separate one), ``heldout_train_reward`` the training reward's; and
-    ``heldout_curve``, ``[prompts_seen, heldout reward]`` of every evaluation (the sample-efficiency curve)."""
+    ``heldout_curve``, ``[samples_seen, heldout reward]`` of every evaluation (the sample-efficiency curve:
+    responses sampled and scored, prompts x samples_per_prompt, so that GAE's one response per prompt and the
+    group estimator's several compare at equal samples; ``prompts_seen`` in an eval.jsonl without the field)."""
     path = run_dir / "eval.jsonl"
     evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     if not evals:
@@ -314,7 +369,7 @@ def heldout_figures(run_dir: Path, steps: int) -> dict:
 
     return {"evaluator": judge, "heldout_reward": mean(judge), "heldout_train_reward": mean("reward"),
             "heldout_kl": mean("kl"), "heldout_entropy": mean("entropy"), "heldout_distinct_2": mean("distinct_2"),
-            "heldout_curve": [[e["prompts_seen"], e[judge]] for e in evals]}
+            "heldout_curve": [[e.get("samples_seen", e["prompts_seen"]), e[judge]] for e in evals]}
 
 
 def efficiency_points(records: list[dict]) -> dict[tuple[str, str], float]:
@@ -329,12 +384,20 @@ def efficiency_points(records: list[dict]) -> dict[tuple[str, str], float]:
 
 
 def curves(records: list[dict]) -> dict[tuple[str, str], list[tuple[float, list[dict]]]]:
-    """Records grouped by (algorithm, parameter), then by value (ascending): one curve per group."""
+    """Records grouped by (series, parameter), then by value (ascending): one curve per group."""
     groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
     for record in records:
-        groups.setdefault((record["algorithm"], record["parameter"]), {}).setdefault(record["value"], []).append(
-            record)
+        groups.setdefault(curve_key(record), {}).setdefault(record["value"], []).append(record)
     return {key: sorted(by_value.items()) for key, by_value in groups.items()}
+
+
+def curve_key(record: dict) -> tuple[str, str]:
+    """``(series, parameter)`` of a record (the series is the algorithm in records written without one)."""
+    return record.get("series", record["algorithm"]), record["parameter"]
+
+
+def _curve_runs(records: list[dict], key: tuple[str, str], value: float) -> list[dict]:
+    return [r for r in records if curve_key(r) == key and r["value"] == value]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -354,8 +417,8 @@ def frontier_markdown(records: list[dict], command: str) -> str:
              + "); the seeds are averaged, then listed in seed order.", ""]
     columns = [("heldout_reward", "held-out reward", ".3f"), ("heldout_kl", "held-out KL", ".2f")] if heldout else []
     columns += [("reward", "training reward", ".3f"), ("kl", "training KL", ".2f")]
-    for (algorithm, parameter), by_value in curves(records).items():
-        lines += [f"## {algorithm.upper()}: {parameter}", "",
+    for (series, parameter), by_value in curves(records).items():
+        lines += [f"## {series_title(series)}: {parameter}", "",
                   f"| {parameter} | " + " | ".join(title for _, title, _ in columns) + " | "
                   + " | ".join(f"{title} per seed" for _, title, _ in columns) + " |",
                   "|---:|" + "---:|" * len(columns) + "---|" * len(columns)]
@@ -368,20 +431,19 @@ def frontier_markdown(records: list[dict], command: str) -> str:
     chosen = efficiency_points(records) if heldout else {}
     if chosen:
         lines += ["## Sample efficiency", "",
-                  "Held-out reward (mean over seeds) after each number of prompts, at each curve's value whose "
+                  "Held-out reward (mean over seeds) after each number of responses sampled in training (prompts x "
+                  "samples_per_prompt), at each curve's value whose "
                   "held-out KL is nearest the median of all values' (`efficiency.png`).", ""]
-        for (algorithm, parameter), value in chosen.items():
-            runs = [r for r in records if (r["algorithm"], r["parameter"], r["value"]) == (algorithm, parameter,
-                                                                                        value)]
-            points = _mean_curve(runs)
-            lines.append(f"- {algorithm.upper()} {parameter}={number(value)}: "
+        for (series, parameter), value in chosen.items():
+            points = _mean_curve(_curve_runs(records, (series, parameter), value))
+            lines.append(f"- {series_title(series)} {parameter}={number(value)}: "
                          + ", ".join(f"{seen:g}: {reward:.3f}" for seen, reward, _, _ in points))
         lines.append("")
     return "\n".join(lines)
 
 
 def _mean_curve(runs: list[dict]) -> list[tuple[float, float, float, float]]:
-    """``(prompts_seen, mean, min, max)`` over the seeds' held-out curves, at the evaluations they all have."""
+    """``(samples_seen, mean, min, max)`` over the seeds' held-out curves, at the evaluations they all have."""
     by_seen: dict[float, list[float]] = {}
     for run in runs:
         for seen, reward in run["heldout_curve"]:
@@ -413,7 +475,8 @@ def _frontier_panel(ax, records: list[dict], x_key: str, y_key: str) -> None:
     """One reward-KL panel of `plot_frontier`: ``y_key`` against ``x_key`` of the records."""
     import matplotlib.ticker
 
-    for index, ((algorithm, parameter), by_value) in enumerate(curves(records).items()):
+    for index, ((series, parameter), by_value) in enumerate(curves(records).items()):
+        color = COLORS.get(series.partition("+")[0])
         xs, ys, xerr, yerr = [], [], [[], []], [[], []]
         for value, runs in by_value:
             kl, reward = [r[x_key] for r in runs], [r[y_key] for r in runs]
@@ -424,9 +487,10 @@ def _frontier_panel(ax, records: list[dict], x_key: str, y_key: str) -> None:
             yerr[0].append(ys[-1] - min(reward))
             yerr[1].append(max(reward) - ys[-1])
             ax.annotate(number(value), (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, -11), fontsize=8,
-                        color=COLORS.get(algorithm))
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=COLORS.get(algorithm),
-                    linestyle=("-", "--", ":")[index % 3], label=f"{algorithm.upper()} ({parameter})")
+                        color=color)
+        # Series of one algorithm share its colour: a series with fixed settings gets square markers.
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="s" if "+" in series else "o", capsize=3, color=color,
+                    linestyle=("-", "--", ":")[index % 3], label=f"{series_title(series)} ({parameter})")
     # KL spans decades: a log axis, symmetric-log when an estimate near 0 came out negative (it is a sample mean).
     if min(r[x_key] for r in records) > 0:
         ax.set_xscale("log")
@@ -440,22 +504,23 @@ def _frontier_panel(ax, records: list[dict], x_key: str, y_key: str) -> None:
 
 
 def plot_efficiency(records: list[dict], path: Path, title: str) -> None:
-    """``efficiency.png``: the held-out reward against prompts seen, a line per curve at its `efficiency_points`
-    value (mean over seeds, the band spanning their minimum to maximum)."""
+    """``efficiency.png``: the held-out reward against responses sampled, a line per curve at its
+    `efficiency_points` value (mean over seeds, the band spanning their minimum to maximum)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for index, ((algorithm, parameter), value) in enumerate(efficiency_points(records).items()):
-        runs = [r for r in records if (r["algorithm"], r["parameter"], r["value"]) == (algorithm, parameter, value)]
+    for index, ((series, parameter), value) in enumerate(efficiency_points(records).items()):
+        runs = _curve_runs(records, (series, parameter), value)
+        color = COLORS.get(series.partition("+")[0])
         seen, mean, low, high = zip(*_mean_curve(runs), strict=True)
-        ax.plot(seen, mean, marker="o", color=COLORS.get(algorithm), linestyle=("-", "--", ":")[index % 3],
-                label=f"{algorithm.upper()} {parameter}={number(value)} "
+        ax.plot(seen, mean, marker="s" if "+" in series else "o", color=color, linestyle=("-", "--", ":")[index % 3],
+                label=f"{series_title(series)} {parameter}={number(value)} "
                       f"(held-out KL {statistics.fmean(r['heldout_kl'] for r in runs):.2g})")
-        ax.fill_between(seen, low, high, color=COLORS.get(algorithm), alpha=0.15)
-    ax.set_xlabel("prompts seen in training")
+        ax.fill_between(seen, low, high, color=color, alpha=0.15)
+    ax.set_xlabel("responses sampled in training (prompts x samples_per_prompt)")
     ax.set_ylabel(f"held-out reward ({next(r['evaluator'] for r in records if 'evaluator' in r)})")
     ax.set_title(f"Sample efficiency at about equal held-out KL\n{title}", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -493,7 +558,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "the reward-KL frontier. Without --config: the embedded tiny default.")
     parser.add_argument("--config", help="YAML file of TrainConfig fields shared by every run")
     parser.add_argument("--output-dir", required=True, help="sweep directory: a folder per point, frontier.*")
-    parser.add_argument("--grid", action="append", required=True, metavar="ALGO:FIELD=V1,V2,...",
+    parser.add_argument("--grid", action="append", required=True, metavar="ALGO[+KEY=VALUE...]:FIELD=V1,V2,...",
                         help='e.g. "apa:apa_lam=0.03,0.1,0.3,1" "ppo:ppo_kl_coef=0.01,0.05" "awr:awr_lam=1,3"')
     parser.add_argument("--seeds", type=int, default=2, help="runs per value, seeds seed..seed+N-1 (default 2)")
     parser.add_argument("--max-steps", type=int, help="steps of every run")
@@ -594,7 +659,8 @@ def main(argv: list[str] | None = None) -> None:
             base = load_config(args.config, args.set,
                                **({} if args.max_steps is None else {"max_steps": args.max_steps}))
             points = plan(base, args.grid, args.seeds, out)
-            check_sources(base)  # the grids sweep numbers: every point names what the base names
+            for cfg in {point.series: cfg for point, cfg in points}.values():  # a series' settings may name some
+                check_sources(cfg)
             hold.enter_context(run_dir_lock(out))  # a second sweep of the same directory is refused
             for _, cfg in points:
                 check_saved_config(cfg)
