@@ -494,13 +494,15 @@ def _frontier_panel(ax, records: list[dict], x_key: str, y_key: str) -> None:
     # KL spans decades: a log axis, symmetric-log when an estimate near 0 came out negative (it is a sample mean).
     if min(r[x_key] for r in records) > 0:
         ax.set_xscale("log")
+        # Plain numbers at the minor ticks matplotlib labels (on an axis of few decades), not 3x10^0.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
     else:
         ax.set_xscale("symlog", linthresh=1.0)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("KL to pi_init (nats per sequence)   [up and to the left is better]")
     ax.set_ylabel("reward")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)  # where a frontier has no points: more reward for less KL
 
 
 def plot_efficiency(records: list[dict], path: Path, title: str) -> None:
