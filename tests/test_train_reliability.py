@@ -74,7 +74,9 @@ def test_bad_field_values_are_refused_naming_the_field(name, value):
 @pytest.mark.parametrize(("fields", "match"), [
     (dict(rollout_batch_size=10, minibatch_size=4), "multiple of minibatch_size"),
     (dict(tiny_width=30, tiny_heads=4), "tiny_width"),
-    (dict(algo="awr", fused_lm_head=True), "fused_lm_head"),
+    (dict(advantage_estimator="group", samples_per_prompt=1), "samples_per_prompt >= 2"),
+    (dict(advantage_estimator="group", critic="some/critic"), "builds no critic"),
+    (dict(eval_every=5, eval_holdout=0), "needs held-out prompts"),
 ])
 def test_inconsistent_fields_are_refused(fields, match):
     with pytest.raises(ConfigError, match=match):
