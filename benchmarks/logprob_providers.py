@@ -73,6 +73,9 @@ ALTERNATIVES = (("liger_kernel", "liger"), ("flash_attn", "flash_attn"))
 
 GPU_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768)
 GPU_VOCABS = (32000, 50400, 128256, 151936)  # Llama-2, GPT-J / Pythia, Llama-3, Qwen-2
+# The vocabulary sweep of the first GPU run: padded and odd vocabularies beside the large ones (Llama-2 + pad,
+# GPT-2, Llama-3, Qwen-2), where full-width loads and the design choice by the byte model are on trial.
+VOCAB_SWEEP = (32001, 50257, 128256, 151936)
 GPU_DTYPES = ("bfloat16", "float32")
 HEADLINE = {"tokens": 16384, "vocab": 50400, "dtype": "bfloat16"}  # the target shape
 CPU_SHAPE = {"tokens": 1024, "vocab": 32000, "dtype": "float32"}
@@ -163,6 +166,7 @@ def grid_cases(grid: str, device: str) -> list[Case]:
             _cases("apa_loss", ["apa_fast"], ["full"], [head_t], [head_v], [head_d]),
             _cases("apa_loss", every, MODES, [head_t], [head_v], [head_d]),
             _cases("apa_loss", every, MODES, GPU_TOKENS, [head_v], [head_d]),
+            _cases("apa_loss", every, ["full"], [head_t], VOCAB_SWEEP, [head_d]),
             _cases("apa_loss", every, ["full"], [head_t], GPU_VOCABS, [head_d]),
             _cases("apa_loss", every, ["full"], [head_t], [head_v], ["float32"]),
             _cases("logprobs", ["apa_fast", "eager", *compiled], MODES, [head_t], [head_v], [head_d]),
