@@ -7,7 +7,7 @@ Run on a GPU machine with TRITON_INTERPRET=0 (benchmarks/gpu_run.sh does): `pyte
 import pytest
 import torch
 from conftest import assert_close_rel
-from oracles import KINDS, TOLERANCES, make_inputs, oracle, run_fused
+from oracles import IGNORE, KINDS, TOLERANCES, make_inputs, oracle, run_fused
 
 import apa_fast
 
@@ -94,3 +94,26 @@ def test_no_float32_rows_x_vocab_buffer(inplace):
     grad_bytes = rows * vocab * 2
     assert forward_peak < 1 << 20  # a few float32 per row
     assert total_peak <= (1 << 20) + (0 if inplace else grad_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["apa", "ppo", "awr"])
+@pytest.mark.parametrize("rows_shape, vocab", [((4, 9), 50257), ((2, 5), 151936), ((3,), 4097)])
+def test_entropy_bonus_matches_float64_on_gpu(dtype, kind, rows_shape, vocab):
+    """entropy_coef and return_entropy on the compiled kernels, at odd vocabularies (peeled row loops)."""
+    logits, labels, aux, adv, mask, _ = _cuda(*make_inputs(rows_shape, vocab, dtype=dtype))
+    value_tol, grad_tol = TOLERANCES[dtype]
+    want_value, want_entropy, want_grad = oracle(kind, logits, labels, aux, adv, mask, temperature=0.8,
+                                                 entropy_coef=0.3, with_entropy=True)
+    x = logits.detach().clone().requires_grad_()
+    common = dict(temperature=0.8, ignore_index=IGNORE, entropy_coef=0.3, return_entropy=True, backend="triton")
+    if kind == "apa":
+        got_value, got_entropy = apa_fast.loss(x, labels, aux, adv, mask, **common)
+    elif kind == "ppo":
+        got_value, got_entropy = apa_fast.ppo_loss(x, labels, aux, adv, mask, **common)
+    else:
+        got_value, got_entropy = apa_fast.awr_loss(x, labels, adv, mask, **common)
+    got_value.backward()
+    assert_close_rel(got_value, want_value, value_tol, "value")
+    assert_close_rel(got_entropy, want_entropy, 2e-5, "entropy")
+    assert_close_rel(x.grad, want_grad, grad_tol, "grad")
