@@ -42,11 +42,10 @@ from .logprob import (
     device_guard,
     differentiable_once,
     entropy_options,
-    entropy_tangent,
     implementation,
-    logp_tangent,
     once_differentiable_op,
     scaled,
+    softmax_tangents,
     token_inputs,
     transformed,
 )
@@ -399,7 +398,7 @@ def _linear_backward(ctx, grad_output, *unused):
 def _linear_jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *_):
     """Tangent of the per-token output (forward mode runs the linear ops per token: `transformed`) for
     the tangents of hidden, weight and bias: each chunk's logits are projected again, their tangent ``dz`` taken
-    through the projection, scale and soft cap, and `logp_tangent` does the rest. The other inputs' tangents are
+    through the projection, scale and soft cap, and `softmax_tangents` does the rest. The other inputs' tangents are
     not propagated, as their gradients are not."""
     hidden, weight, bias, labels, (lse, dlogp), entropy = ctx.saved_tensors
     inv_temperature, logit_scale, logit_softcap, chunk_size, _ = ctx.config
@@ -422,10 +421,11 @@ def _linear_jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *_):
             if bias_tangent is not None:
                 dz = dz + bias_tangent
             dz = dz * logit_scale if tanh is None else dz * logit_scale * (1.0 - tanh.square())
-            parts.append(logp_tangent(logits, dz, labels[rows], lse[rows], inv_temperature))
-            if entropy.numel():
-                entropy_parts.append(entropy_tangent(logits, dz, labels[rows], lse[rows], inv_temperature,
-                                                     entropy[rows]))
+            chunk_logp_dt, chunk_entropy_dt = softmax_tangents(logits, dz, labels[rows], lse[rows], inv_temperature,
+                                                               entropy[rows] if entropy.numel() else None)
+            parts.append(chunk_logp_dt)
+            if chunk_entropy_dt is not None:
+                entropy_parts.append(chunk_entropy_dt)
     dlogp_dt = torch.zeros_like(lse).index_add(0, counted_rows, torch.cat(parts))
     output_tangent = dlogp * dlogp_dt
     entropy_dt = torch.zeros_like(entropy)  # empty when off: a differentiable output needs a tangent, not None

@@ -209,35 +209,30 @@ def transformed(*tensors) -> bool:
     return forward_ad._current_level >= 0 or any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def logp_tangent(logits: torch.Tensor, tangent: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                 inv_temperature: float) -> torch.Tensor:
-    """float32 ``(n,)`` tangent of ``logp = log_softmax(logits / T)[label]`` for a tangent of ``logits (n, V)``:
-    ``(tangent[label] - sum_v p_v tangent_v) / T``, ``p`` rebuilt from the saved ``lse`` one float32 chunk of
-    rows at a time (PyTorch ops on every backend, which torch.func's vmap batches); 0 where labels < 0."""
+def softmax_tangents(logits: torch.Tensor, tangent: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                     inv_temperature: float, entropy: torch.Tensor | None = None):
+    """float32 ``(n,)`` tangents, for a tangent of ``logits (n, V)``, of ``logp = log_softmax(logits / T)[label]``,
+    ``(tangent[label] - sum_v p_v tangent_v) / T``, and with ``entropy`` (the forward's ``H``, ``(n,)``) of
+    ``H = -sum_v p_v log p_v``, ``-sum_v p_v (log p_v + H) tangent_v / T`` (else None). ``log p`` is rebuilt
+    from the saved ``lse`` one float32 chunk of rows at a time, once for both (PyTorch ops on every backend,
+    which torch.func's vmap batches); 0 where labels < 0."""
     step = max(1, torch_backend.TORCH_CHUNK_BYTES // (4 * logits.shape[-1]))
-    means = [lse[:0]]
-    for start in range(0, logits.shape[0], step):
-        rows = slice(start, start + step)
-        p = torch.exp(logits[rows].float() * inv_temperature - lse[rows, None])
-        means.append((p * tangent[rows].float()).sum(-1))
-    counted = labels >= 0
-    target = tangent.gather(-1, torch.where(counted, labels, 0).long()[:, None])[:, 0].float()
-    # Rows that do not count have lse 0 and any logits (p may be inf there): `where` keeps them out.
-    return torch.where(counted, (target - torch.cat(means)) * inv_temperature, 0.0)
-
-
-def entropy_tangent(logits: torch.Tensor, tangent: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                    inv_temperature: float, entropy: torch.Tensor) -> torch.Tensor:
-    """float32 ``(n,)`` tangent of the entropy ``H = -sum_v p_v log p_v`` of ``softmax(logits / T)`` for a tangent
-    of ``logits (n, V)``: ``-sum_v p_v (log p_v + H) tangent_v / T``, chunked as `logp_tangent`; 0 where labels < 0."""
-    step = max(1, torch_backend.TORCH_CHUNK_BYTES // (4 * logits.shape[-1]))
-    sums = [lse[:0]]
+    means, entropy_sums = [lse[:0]], [lse[:0]]
     for start in range(0, logits.shape[0], step):
         rows = slice(start, start + step)
         logp = logits[rows].float() * inv_temperature - lse[rows, None]
-        weight = logp.exp() * (logp.clamp(min=torch_backend.LOGP_FLOOR) + entropy[rows, None])
-        sums.append((weight * tangent[rows].float()).sum(-1))
-    return torch.where(labels >= 0, -torch.cat(sums) * inv_temperature, 0.0)
+        p_tangent = logp.exp() * tangent[rows].float()
+        means.append(p_tangent.sum(-1))
+        if entropy is not None:
+            log_p = logp.clamp(min=torch_backend.LOGP_FLOOR)
+            entropy_sums.append((p_tangent * (log_p + entropy[rows, None])).sum(-1))
+    counted = labels >= 0
+    target = tangent.gather(-1, torch.where(counted, labels, 0).long()[:, None])[:, 0].float()
+    # Rows that do not count have lse 0 and any logits (p may be inf there): `where` keeps them out.
+    logp_dt = torch.where(counted, (target - torch.cat(means)) * inv_temperature, 0.0)
+    if entropy is None:
+        return logp_dt, None
+    return logp_dt, torch.where(counted, -torch.cat(entropy_sums) * inv_temperature, 0.0)
 
 
 def _internal_tangent(like: torch.Tensor) -> torch.Tensor:
@@ -282,8 +277,8 @@ def _forward_jvp(ctx, logits_tangent, *_):
         dlogp_dt, entropy_dt = torch.zeros_like(lse), [torch.zeros_like(lse)] * len(entropy)
     else:
         args = (logits.reshape(-1, vocab), logits_tangent.reshape(-1, vocab), labels, lse, ctx.inv_temperature)
-        dlogp_dt = logp_tangent(*args)
-        entropy_dt = [entropy_tangent(*args, entropy[0])] if entropy else []
+        dlogp_dt, entropy_tangent = softmax_tangents(*args, *entropy)
+        entropy_dt = [entropy_tangent] if entropy else []
     return torch.stack([dlogp_dt, _internal_tangent(lse), dlogp * dlogp_dt, _internal_tangent(lse), *entropy_dt])
 
 

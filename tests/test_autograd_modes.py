@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from conftest import assert_close_rel
-from oracles import IGNORE, make_inputs
+from oracles import IGNORE, entropy64, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import apa_fast
@@ -210,6 +210,39 @@ def test_linear_ops_under_forward_mode_and_torch_func(backend, name, op, ref, wi
     batch = torch.stack([hidden, -hidden.flip(-1)])
     _close(torch.func.vmap(f, in_dims=(0,) + (None,) * (len(primals) - 1))(batch, *primals[1:]),
            torch.stack([f64(h, *primals64[1:]) for h in batch.double()]), f"{name} vmap over hidden")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_entropy_output_has_the_float64_tangent(backend, linear):
+    """``return_entropy=True``: the entropy's forward-mode tangent (and the log-prob's beside it), logits and linear
+    ops, against float64 (0 where the token does not count)."""
+    _, d = _token_data((2, 3), 11)
+    counted = d["labels"] != IGNORE
+    hidden, weight = torch.randn(2, 3, 5), torch.randn(11, 5) / 2
+    x = hidden if linear else torch.randn(2, 3, 11) * 3
+
+    def f(x):
+        if linear:
+            return apa_fast.linear_logprobs(x, weight, d["labels"], temperature=0.9, ignore_index=IGNORE, chunk_size=2,
+                                            backend=backend, return_entropy=True)
+        return apa_fast.logprobs(x, d["labels"], temperature=0.9, ignore_index=IGNORE, backend=backend,
+                                 return_entropy=True)
+
+    def f64(x):
+        z = (x @ weight.double().T if linear else x) / 0.9
+        logp = torch.log_softmax(z, -1).gather(-1, torch.where(counted, d["labels"], 0)[..., None])[..., 0]
+        return torch.where(counted, logp, 0.0), torch.where(counted, entropy64(z), 0.0)
+
+    tangent = torch.randn_like(x)
+    (want_logp, want_entropy), (want_logp_dt, want_entropy_dt) = torch.func.jvp(f64, (x.double(),),
+                                                                                 (tangent.double(),))
+    (logp, entropy), (logp_dt, entropy_dt) = torch.func.jvp(f, (x,), (tangent,))
+    _close(entropy, want_entropy, "entropy")
+    scale_logp = _terms_scale(lambda x: f64(x)[0], (x.double(),), (tangent.double(),))
+    scale_entropy = _terms_scale(lambda x: f64(x)[1], (x.double(),), (tangent.double(),))
+    _close(logp_dt, want_logp_dt, "log-prob tangent", scale=scale_logp)
+    _close(entropy_dt, want_entropy_dt, "entropy tangent", scale=scale_entropy)
 
 
 def _second_order_cases():
