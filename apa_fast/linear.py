@@ -127,6 +127,14 @@ def _chunk_rows(chunk_size, rows, hidden_size, vocab, dtype, device) -> int:
     return max(1, min(wanted, budget // row_bytes, rows))
 
 
+def _counted_chunks(labels: torch.Tensor, chunk_size: int, hidden: torch.Tensor, weight: torch.Tensor):
+    """(int64 flat indices of the rows that count, rows per chunk) for a sweep over ``labels`` (int32 ``(rows,)``,
+    -1 where the row does not count): one host sync, the chunk loop's length."""
+    counted_rows = torch.nonzero(labels >= 0).squeeze(1)
+    return counted_rows, _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
+                                     hidden.device)
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -295,9 +303,7 @@ def _linear_forward_op(
                           param1, entropy, entropy_coef)
     needed = (need_hidden, need_weight, need_bias)
     with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
-        counted_rows = torch.nonzero(labels >= 0).squeeze(1)  # one host sync: the chunk loop's length
-        chunk_rows = _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
-                                 hidden.device)
+        counted_rows, chunk_rows = _counted_chunks(labels, chunk_size, hidden, weight)
         grads = _Gradients.zeros(proj, labels.numel(), needed) if reduction != "none" and any(needed) else None
         row_scale = upstream_scale(reduction, torch.ones((), device=hidden.device), denom)
         _, lse, loss, dlogp, *entropy_rows = _sweep(proj, passes, labels, counted_rows, chunk_rows, aux=aux, adv=adv,
@@ -336,9 +342,7 @@ def _linear_backward_op(
     respect to hidden, weight, bias (empty where not needed)."""
     proj, passes = _setup(hidden, weight, bias, logit_scale, logit_softcap, backend, inv_temperature=inv_temperature)
     with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
-        counted_rows = torch.nonzero(labels >= 0).squeeze(1)
-        chunk_rows = _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
-                                 hidden.device)
+        counted_rows, chunk_rows = _counted_chunks(labels, chunk_size, hidden, weight)
         grads = _Gradients.zeros(proj, labels.numel(), (need_hidden, need_weight, need_bias))
         _sweep(proj, passes, labels, counted_rows, chunk_rows, lse=lse, row_grad=row_grad, grads=grads,
                entropy=entropy, entropy_grad=entropy_grad)
@@ -403,9 +407,7 @@ def _linear_jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *_):
     hidden, weight, bias, labels, (lse, dlogp), entropy = ctx.saved_tensors
     inv_temperature, logit_scale, logit_softcap, chunk_size, _ = ctx.config
     proj = _Projection(as_rows3d(hidden), weight, bias, logit_scale, logit_softcap)
-    counted_rows = torch.nonzero(labels >= 0).squeeze(1)
-    chunk_rows = _chunk_rows(chunk_size, counted_rows.numel(), hidden.shape[-1], weight.shape[0], hidden.dtype,
-                             hidden.device)
+    counted_rows, chunk_rows = _counted_chunks(labels, chunk_size, hidden, weight)
     hidden_rows_tangent = None if hidden_tangent is None else hidden_tangent.reshape(-1, hidden.shape[-1])
     parts, entropy_parts = [lse[:0]], [lse[:0]]
     with device_guard(hidden.device), torch.autocast(hidden.device.type, enabled=False):
