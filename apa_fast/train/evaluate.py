@@ -27,10 +27,12 @@ from pathlib import Path
 
 import torch
 
+import apa_fast
+
 from .config import ConfigError, TrainConfig
 from .data import left_pad, load_prompts, tokenize_prompts
 from .rewards import RewardFn, score
-from .rollout import response_logits, response_mask, sample
+from .rollout import IGNORE, response_logits, response_mask, sample
 
 EVAL_FILE, SAMPLES_FILE = "eval.jsonl", "samples.jsonl"
 # The held-out split of `dataset` is fixed: it does not move with the run's seed, so every run of a sweep
@@ -126,14 +128,14 @@ class Evaluator:
         mask = response_mask(response, tokenizer, cfg.stop)
         input_ids = torch.cat([prompt_ids, response], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        prompt_len, labels = prompt_ids.shape[1], torch.where(mask, response, 0)[..., None]
-        # Plain torch: the whole distribution is needed for the entropy, and evaluation takes no gradient.
-        logp_all = (response_logits(policy, input_ids, attention_mask, prompt_len).float()
-                    / cfg.logprob_temperature).log_softmax(-1)
-        ref_all = (response_logits(pi_init, input_ids, attention_mask, prompt_len).float()
-                   / cfg.logprob_temperature).log_softmax(-1)
-        kl = ((logp_all.gather(-1, labels) - ref_all.gather(-1, labels)).squeeze(-1) * mask).sum(-1)
-        entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum(-1)
+        prompt_len, labels = prompt_ids.shape[1], torch.where(mask, response, IGNORE)
+        # The fused ops: log-probs and the entropy in one pass over each row, 0 where the mask is off, and no
+        # float32 (B, R, V) log-softmax beside the logits.
+        common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, backend=cfg.loss_backend)
+        logp, token_entropy = apa_fast.logprobs(response_logits(policy, input_ids, attention_mask, prompt_len), labels,
+                                                return_entropy=True, **common)
+        ref = apa_fast.logprobs(response_logits(pi_init, input_ids, attention_mask, prompt_len), labels, **common)
+        kl, entropy = (logp - ref).sum(-1), token_entropy.sum(-1)
 
         texts = tokenizer.batch_decode(torch.where(mask, response, tokenizer.pad_token_id), skip_special_tokens=True)
         prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
