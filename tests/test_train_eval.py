@@ -118,7 +118,9 @@ def test_figures_match_float64_references(monkeypatch):
         kl.append((logp.gather(-1, picks[:, None]) - ref.gather(-1, picks[:, None])).sum().item())
         entropy += -(logp.exp() * logp).sum().item()
     assert record["kl"] == pytest.approx(sum(kl) / 3, rel=1e-4, abs=1e-5)
-    assert min(map(abs, kl)) > 0.1  # the perturbation moved the policy: the check can fail
+    # The perturbation moved the policy: the check can fail. On the sum: one row's KL is near 0 at 0.7% of seeds
+    # (seed 1147: -0.007), the sum was never under 0.49 in 4,000.
+    assert abs(sum(kl)) > 0.1
     assert record["entropy"] == pytest.approx(entropy / sum(lengths), rel=1e-4)
     assert record["response_len"] == pytest.approx(sum(lengths) / 3)
     assert record["ended"] == pytest.approx(2 / 3)
