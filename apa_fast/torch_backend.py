@@ -1,9 +1,10 @@
 """The PyTorch implementation of the log-prob kernel family: the Triton kernels' two passes in row chunks.
 
-Same contract as ``apa_fast.kernels.logprob.forward`` / ``backward``, for CPUs and as a fallback: at most
-one float32 chunk of ``TORCH_CHUNK_BYTES`` exists at a time (a few, with the entropy), never the float32
-``[rows x vocab]`` tensor. The entropy, when asked for, comes from the same chunk as the log-sum-exp, and its
-gradient joins the log-prob's in the same pass.
+Same contract as ``apa_fast.kernels.logprob.forward`` / ``backward``, for CPUs and as a fallback: float32
+scratch buffers of one chunk of ``TORCH_CHUNK_BYTES`` (at most three, with the entropy or 16-bit logits) are
+reused across the chunks, never the float32 ``[rows x vocab]`` tensor. Each chunk goes through one fused ATen
+softmax, written over the gradient buffer where it can be; the entropy, when asked for, comes from the same
+softmax as the log-sum-exp, and its gradient joins the log-prob's in the same pass.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _chunk_softmax(chunk, safe_labels, inv_temperature, scratch, probs=None, kee
     if keep_shifted:
         shift = torch.where(all_minus_inf, 0.0, row_max)[:, None]
         shifted = torch.sub(scaled, shift, out=scratch.get("shifted", chunk)).clamp_(min=LOGP_FLOOR)
-    # In place when probs is scaled: the CPU and CUDA softmax kernels read each element before they write it.
+    # In place when probs is scaled (or the chunk, for a gradient written over the logits): into a contiguous
+    # out=, ATen's CPU and CUDA softmax kernels read each element before they write it (the in-place tests).
     torch._softmax(scaled, -1, False, out=probs)
     log_total = probs.amax(-1).log_().neg_()
     lse = torch.where(all_minus_inf, float("-inf"), row_max + log_total)
