@@ -4,6 +4,7 @@ entropy they return) against float64 references."""
 
 import pytest
 import torch
+from conftest import assert_close_rel
 from oracles import oracle
 
 from apa_fast.train.config import TrainConfig
@@ -117,7 +118,9 @@ def test_policy_losses_match_float64_references(algo, backend, entropy_coef, fus
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     assert entropy.dtype == torch.float32 and not entropy.requires_grad
     torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), dlogits @ head64.lm_head.weight, rtol=1e-4, atol=1e-6)
+    # Relative L2, as in the ops' own tests: an element that nearly cancels in the sum over the vocabulary is only as
+    # accurate as its terms (elementwise atol=1e-6 failed at 0.1% of seeds: 794, 2e-6 off an element of 3.5e-3).
+    assert_close_rel(grad, dlogits @ head64.lm_head.weight, 2e-5, "gradient of the hidden states")
 
 
 def test_value_loss_is_half_the_masked_squared_error():
