@@ -10,10 +10,13 @@ Two designs of the gradient, the same numbers:
 * two kernels (inference, ``reduction="none"``, ``inplace_backward=True``): the forward saves the log-sum-exp,
   the backward re-reads the logits and writes ``dlogits``;
 * training mode (the logits need a gradient and the loss is reduced to a scalar): one pass computes the loss
-  and writes ``dlogits`` while the row is on chip; the backward returns it, scaled by the upstream gradient.
-  ``APA_FAST_FUSED_GRAD=0`` / ``=1`` forces the two-kernel / training-mode design (default ``auto``: on the
-  Triton backend the byte model's choice, training mode where its rows in flight stay in L2 (``python -m
-  apa_fast.info --design TOKENS V DTYPE`` says which runs); two kernels on the torch backend).
+  and writes ``dlogits`` while the row is on chip, for the upstream gradient that the previous training-mode
+  backward of this process received (1 at first; ``1 / gradient_accumulation_steps`` under DeepSpeed, say):
+  the backward returns it untouched when the upstream gradient is the same again, and rescales it (a new
+  tensor) when it is not. ``APA_FAST_FUSED_GRAD=0`` / ``=1`` forces the two-kernel / training-mode design (default
+  ``auto``: on the Triton backend the byte model's choice, training mode where its rows in flight stay in L2
+  (``python -m apa_fast.info --design TOKENS V DTYPE`` says which runs); training mode on the torch backend,
+  one softmax per chunk instead of two).
 
 The kernels are registered as ``torch.library`` custom ops (``apa_fast::logprob_forward``, ``..._backward``,
 ``..._loss_and_grad``, and the value checks of ``apa_fast::token_labels``), with fake kernels and autograd
@@ -30,10 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
 
@@ -74,7 +78,8 @@ def fused_grad_wanted(backend: str, logits: torch.Tensor) -> bool:
 
     auto: on Triton, the byte model's choice for the logits' row size and the device's SMs and L2
     (`apa_fast.kernels.logprob.training_mode_pays`: training mode where its rows in flight stay in L2); on the
-    torch backend two kernels (its two passes measured faster on CPUs).
+    torch backend training mode (one fused softmax per chunk instead of two: 0.6-0.7x the two kernels' time on
+    CPU at 1,024 x 32,000).
     """
     mode = os.environ.get("APA_FAST_FUSED_GRAD", "auto") or "auto"
     if mode not in FUSED_GRAD_MODES:
@@ -82,7 +87,7 @@ def fused_grad_wanted(backend: str, logits: torch.Tensor) -> bool:
     if mode != "auto":
         return mode == "1"
     if backend != "triton":
-        return False
+        return True
     kernels = implementation(backend)
     return kernels.training_mode_pays(logits.shape[-1] * logits.element_size(), *kernels.device_limits(logits.device))
 
@@ -142,14 +147,14 @@ def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.
 @torch.library.custom_op("apa_fast::logprob_loss_and_grad", mutates_args=())
 def _loss_and_grad_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor, adv: torch.Tensor,
                       denom: torch.Tensor | None, kind: int, inv_temperature: float, param0: float, param1: float,
-                      reduction: str, backend: str, entropy_coef: float = 0.0,
-                      entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training mode: (the reduced float32 loss, its gradient with respect to ``logits``, the float32 ``(rows,)``
-    entropy) in one pass. With ``entropy`` the loss is the kind's minus ``entropy_coef`` times the same reduction
-    of the entropy; without, the entropy output is empty."""
+                      reduction: str, backend: str, entropy_coef: float = 0.0, entropy: bool = False,
+                      grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training mode: (the reduced float32 loss, its gradient with respect to ``logits`` for an upstream gradient
+    of ``grad_scale``, the float32 ``(rows,)`` entropy) in one pass. With ``entropy`` the loss is the kind's minus
+    ``entropy_coef`` times the same reduction of the entropy; without, the entropy output is empty."""
     rows3d = as_rows3d(logits)
     out3d = gradient_buffer(rows3d)
-    row_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    row_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
     row_scale = row_scale / denom if reduction == "mean" else row_scale
     with device_guard(logits.device):
         stats = implementation(backend).forward_grad(
@@ -164,7 +169,7 @@ def _loss_and_grad_op(logits: torch.Tensor, labels: torch.Tensor, aux: torch.Ten
 
 @_loss_and_grad_op.register_fake
 def _(logits, labels, aux, adv, denom, kind, inv_temperature, param0, param1, reduction, backend, entropy_coef=0.0,
-      entropy=False):
+      entropy=False, grad_scale=1.0):
     return (logits.new_empty((), dtype=torch.float32), gradient_buffer(as_rows3d(logits)).view(logits.shape),
             labels.new_empty((labels.shape[0] if entropy else 0,), dtype=torch.float32))
 
@@ -289,25 +294,58 @@ def _setup_loss_and_grad(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(output[1])
     ctx.num_inputs = len(inputs)
+    ctx.grad_scale = inputs[13] if len(inputs) > 13 else 1.0
 
 
 def _loss_and_grad_backward(ctx, grad_output, *_):
     (grad,) = ctx.saved_tensors
-    return differentiable_once(scaled(grad, grad_output)), *(None,) * (ctx.num_inputs - 1)
+    return differentiable_once(scaled(grad, grad_output, ctx.grad_scale)), *(None,) * (ctx.num_inputs - 1)
 
 
-def scaled(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``grad * factor`` for a gradient precomputed in the forward. In eager mode, when ``factor`` is exactly 1
-    (what ``loss.backward()`` passes) and autograd frees the graph after this backward, ``grad`` itself: no
-    second logits-sized tensor, at the cost of one scalar sync. A retained graph gets a new tensor, so that an
-    in-place edit of what this backward returns (``torch.autograd.grad(..., retain_graph=True)``) cannot reach
-    the saved gradient that the next backward reads (``backward(retain_graph=True)`` costs nothing more: its
-    AccumulateGrad copied the still-referenced buffer before). Traced graphs (torch.compile, fake tensors) and
-    torch.func's wrapped tensors always multiply: the check would depend on data."""
-    if (torch.compiler.is_compiling() or is_fake(factor) or is_functorch_wrapped_tensor(factor)
-            or torch._C._autograd._get_current_graph_task_keep_graph() or not bool(factor == 1)):
-        return grad * factor.to(grad.dtype)
-    return grad
+@dataclasses.dataclass
+class _UpstreamGuess:
+    """The upstream gradient the last eager training-mode backward of this process received: what the next
+    forward writes its gradient for (`grad_scale_guess`)."""
+
+    value: float = 1.0
+
+
+UPSTREAM_GUESS = _UpstreamGuess()
+# Upstream gradients kept as the next guess: a guess outside this range could underflow or overflow the
+# float32 row scale, and the buffer would lose what the rescale cannot bring back.
+GUESS_RANGE = (2.0**-64, 2.0**64)
+
+
+def grad_scale_guess(logits: torch.Tensor) -> float:
+    """The upstream gradient a training-mode forward writes its gradient for: the last one seen
+    (`UPSTREAM_GUESS`), so that a loss scaled the same every step (``loss / accumulation_steps``) needs no
+    rescale pass. 1 under tracing (a traced graph always multiplies) and for float16 logits, whose range could
+    overflow at a guess that the next step's (smaller) upstream gradient would not."""
+    if torch.compiler.is_compiling() or logits.dtype == torch.float16:
+        return 1.0
+    return UPSTREAM_GUESS.value
+
+
+def scaled(grad: torch.Tensor, factor: torch.Tensor, written_for: float = 1.0) -> torch.Tensor:
+    """``grad * factor / written_for`` for a gradient precomputed in the forward for an upstream gradient of
+    ``written_for``. In eager mode (one scalar sync) the factor becomes the next guess (`UPSTREAM_GUESS`), and
+    when ``factor == written_for`` and autograd frees the graph after this backward, ``grad`` is returned
+    itself: no second logits-sized tensor. A rescale makes a new tensor (``grad`` is also an output of the op,
+    which must not change after it returned); so does a retained graph, so that an in-place edit of what this
+    backward returns (``torch.autograd.grad(..., retain_graph=True)``) cannot reach the saved gradient that the
+    next backward reads (``backward(retain_graph=True)`` costs nothing more: its AccumulateGrad copied the
+    still-referenced buffer before). Traced graphs (torch.compile, fake tensors), torch.func's wrapped tensors and the batched
+    upstream gradients of ``torch.autograd.grad(..., is_grads_batched=True)`` always multiply: the check would
+    depend on data."""
+    if (torch.compiler.is_compiling() or is_fake(factor) or factor.is_meta or is_functorch_wrapped_tensor(factor)
+            or is_legacy_batchedtensor(factor)):
+        return grad * (factor.float() / written_for)
+    value = float(factor)
+    if math.isfinite(value) and GUESS_RANGE[0] <= abs(value) <= GUESS_RANGE[1]:
+        UPSTREAM_GUESS.value = value
+    if value == written_for and not torch._C._autograd._get_current_graph_task_keep_graph():
+        return grad
+    return grad * (value / written_for)
 
 
 def differentiable_once(grad: torch.Tensor) -> torch.Tensor:
@@ -440,7 +478,8 @@ def _fused(kind: LossKind, logits, labels, aux, adv, mask, *, temperature, ignor
     if (needs_grad and t.reduction != "none" and not inplace_backward and not transformed(logits)
             and fused_grad_wanted(t.backend, logits)):
         output, _, entropy_rows = _loss_and_grad(logits, t.labels, t.aux, t.adv, t.denom, kind.id, t.inv_temperature,
-                                                 t.param0, t.param1, t.reduction, t.backend, entropy_coef, entropy)
+                                                 t.param0, t.param1, t.reduction, t.backend, entropy_coef, entropy,
+                                                 grad_scale_guess(logits))
         # The entropy term is in the output already (and its gradient in the precomputed one).
         return (output, entropy_rows.view(rows_shape)) if return_entropy else output
     # For log-probs the kinds' loss is logp itself (0 where the row does not count), in every backend.

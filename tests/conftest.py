@@ -22,6 +22,15 @@ def fresh_seed(request):
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def first_upstream_guess(monkeypatch):
+    """Each test starts as a fresh process does: training mode writes its first gradient for an upstream gradient
+    of 1 (`apa_fast.logprob.UPSTREAM_GUESS`, which the previous test's backward would otherwise have set)."""
+    from apa_fast import logprob
+
+    monkeypatch.setattr(logprob.UPSTREAM_GUESS, "value", 1.0)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

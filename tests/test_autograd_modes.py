@@ -20,7 +20,7 @@ from oracles import IGNORE, entropy64, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import apa_fast
-from apa_fast import _dispatch
+from apa_fast import _dispatch, logprob
 from apa_fast.kinds import BY_NAME
 
 BACKENDS = [
@@ -396,6 +396,38 @@ class _LargeAllocations(TorchDispatchMode):
         if not func.is_view and isinstance(out, torch.Tensor) and out.numel() >= self.numel:
             self.calls.append(str(func))
         return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_training_mode_writes_for_the_last_upstream_gradient(backend, dtype, monkeypatch):
+    """The forward writes the gradient for the upstream gradient the previous backward got (``loss / steps``):
+    the backward then hands it over untouched, with no logits-sized tensor, and only a change of the upstream
+    gradient rescales it, into a new one (float16, whose range a stale guess could overflow, always writes for 1).
+    Every step's gradient is float64's times its factor."""
+    monkeypatch.setenv("APA_FAST_FUSED_GRAD", "1")
+    assert logprob.UPSTREAM_GUESS.value == 1.0  # tests/conftest.py: as in a fresh process
+    logits, d = _token_data((2, 3), 13)
+    logits = logits.to(dtype)
+    op, ref = LOGITS_OPS[0][1], LOGITS_OPS[0][2]
+    want = torch.func.grad(lambda z: ref(z, d))(logits.double())
+    tol = TOL if dtype == torch.float32 else 1e-2  # the gradient is stored in the logits' dtype
+    guess = 1.0
+    for factor in (0.25, 0.25, -3.0, 1.0, 1.0, 0.125):
+        x = logits.clone().requires_grad_()
+        out = op(x, d, backend) * factor
+        with _LargeAllocations(logits.numel()) as spy:
+            out.backward()
+        rescaled = factor != (1.0 if dtype == torch.float16 else guess)
+        assert [call.split(".")[1] for call in spy.calls] == (["mul"] if rescaled else []), (factor, spy.calls)
+        assert_close_rel(x.grad, factor * want, tol, f"grad at upstream {factor} after {guess}")
+        guess = factor
+    assert logprob.UPSTREAM_GUESS.value == 0.125
+    # A batched upstream gradient (vmap over the backward, graph freed after it) has no one value: multiplied.
+    x = logits.clone().requires_grad_()
+    batched, = torch.autograd.grad(op(x, d, backend), x, grad_outputs=torch.tensor([0.125, -2.0]),
+                                   is_grads_batched=True)
+    assert_close_rel(batched, torch.stack([0.125 * want, -2.0 * want]), tol, "batched upstream gradients")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -397,7 +397,8 @@ def test_trl_logit_multipliers_and_moe_models(tmp_path, tokenizer, monkeypatch, 
     check_against_float64(trainer, batches)
     assert not unchanged
     logged = trainer.state.log_history[0]
-    assert logged["apa/logp_minus_ref"] == 0.0  # both micro-batches: the policy's log-probs are TRL's reference's
+    # Both micro-batches: the policy's log-probs are TRL's reference's (its own log_softmax: float32 rounding apart).
+    assert abs(logged["apa/logp_minus_ref"]) <= 1e-6
     if kind in ("qwen3_moe", "gpt_oss"):
         assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.001
         assert logged["aux_loss"] > 0

@@ -182,11 +182,11 @@ def test_design_follows_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize("mode, vocab, backend, wanted", [
-    ("auto", 50400, "triton", True), ("auto", 151936, "triton", False), ("auto", 50400, "torch", False),
-    ("1", 151936, "triton", True), ("0", 50400, "triton", False), ("1", 50400, "torch", True)])
+    ("auto", 50400, "triton", True), ("auto", 151936, "triton", False), ("auto", 151936, "torch", True),
+    ("1", 151936, "triton", True), ("0", 50400, "triton", False), ("0", 50400, "torch", False)])
 def test_fused_grad_auto_is_the_byte_model(monkeypatch, mode, vocab, backend, wanted):
-    """APA_FAST_FUSED_GRAD=auto is the byte model's choice on Triton (the defaults stand in for a GPU here), two
-    kernels on the torch backend; 0 and 1 override it."""
+    """APA_FAST_FUSED_GRAD=auto is the byte model's choice on Triton (the defaults stand in for a GPU here),
+    training mode on the torch backend at any V; 0 and 1 override it."""
     from apa_fast.logprob import fused_grad_wanted
 
     monkeypatch.setenv("APA_FAST_FUSED_GRAD", mode)
