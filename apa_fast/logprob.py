@@ -334,9 +334,9 @@ def scaled(grad: torch.Tensor, factor: torch.Tensor, written_for: float = 1.0) -
     which must not change after it returned); so does a retained graph, so that an in-place edit of what this
     backward returns (``torch.autograd.grad(..., retain_graph=True)``) cannot reach the saved gradient that the
     next backward reads (``backward(retain_graph=True)`` costs nothing more: its AccumulateGrad copied the
-    still-referenced buffer before). Traced graphs (torch.compile, fake tensors), torch.func's wrapped tensors and the batched
-    upstream gradients of ``torch.autograd.grad(..., is_grads_batched=True)`` always multiply: the check would
-    depend on data."""
+    still-referenced buffer before). Traced graphs (torch.compile, fake tensors), meta tensors, torch.func's
+    wrapped tensors and the batched upstream gradients of ``torch.autograd.grad(..., is_grads_batched=True)``
+    always multiply: the check would depend on data."""
     if (torch.compiler.is_compiling() or is_fake(factor) or factor.is_meta or is_functorch_wrapped_tensor(factor)
             or is_legacy_batchedtensor(factor)):
         return grad * (factor.float() / written_for)
