@@ -11,7 +11,8 @@ Two designs of the gradient, the same numbers:
   the backward re-reads the logits and writes ``dlogits``;
 * training mode (the logits need a gradient and the loss is reduced to a scalar): one pass computes the loss
   and writes ``dlogits`` while the row is on chip, for the upstream gradient that the previous training-mode
-  backward of this process received (1 at first; ``1 / gradient_accumulation_steps`` under DeepSpeed, say):
+  backward of this process received when that was a power of two (1 at first; ``1 / gradient_accumulation_steps``
+  under DeepSpeed, say; a normalizer belongs in ``normalizer=``, inside the op):
   the backward returns it untouched when the upstream gradient is the same again, and rescales it (a new
   tensor) when it is not. ``APA_FAST_FUSED_GRAD=0`` / ``=1`` forces the two-kernel / training-mode design (default
   ``auto``: on the Triton backend the byte model's choice, training mode where its rows in flight stay in L2
@@ -311,8 +312,10 @@ class _UpstreamGuess:
 
 
 UPSTREAM_GUESS = _UpstreamGuess()
-# Upstream gradients kept as the next guess: a guess outside this range could underflow or overflow the
-# float32 row scale, and the buffer would lose what the rescale cannot bring back.
+# Upstream gradients kept as the next guess: powers of two (1 / accumulation steps, loss scales), which scale
+# every float32 product of the kernels exactly, so that the gradient is bitwise the same whether the guess held
+# or a rescale ran (subnormals apart): a run does not depend on what ran before it in the process. Outside this
+# range a guess could underflow or overflow the float32 row scale.
 GUESS_RANGE = (2.0**-64, 2.0**64)
 
 
@@ -341,7 +344,7 @@ def scaled(grad: torch.Tensor, factor: torch.Tensor, written_for: float = 1.0) -
             or is_legacy_batchedtensor(factor)):
         return grad * (factor.float() / written_for)
     value = float(factor)
-    if math.isfinite(value) and GUESS_RANGE[0] <= abs(value) <= GUESS_RANGE[1]:
+    if GUESS_RANGE[0] <= abs(value) <= GUESS_RANGE[1] and math.frexp(value)[0] in (0.5, -0.5):
         UPSTREAM_GUESS.value = value
     if value == written_for and not torch._C._autograd._get_current_graph_task_keep_graph():
         return grad

@@ -412,17 +412,19 @@ def test_training_mode_writes_for_the_last_upstream_gradient(backend, dtype, mon
     op, ref = LOGITS_OPS[0][1], LOGITS_OPS[0][2]
     want = torch.func.grad(lambda z: ref(z, d))(logits.double())
     tol = TOL if dtype == torch.float32 else 1e-2  # the gradient is stored in the logits' dtype
-    guess = 1.0
-    for factor in (0.25, 0.25, -3.0, 1.0, 1.0, 0.125):
+    guess, grads = 1.0, {}
+    for factor in (0.25, 0.25, -3.0, 0.25, 1.0, 1.0, 0.125, -0.125):
         x = logits.clone().requires_grad_()
         out = op(x, d, backend) * factor
         with _LargeAllocations(logits.numel()) as spy:
             out.backward()
         rescaled = factor != (1.0 if dtype == torch.float16 else guess)
-        assert [call.split(".")[1] for call in spy.calls] == (["mul"] if rescaled else []), (factor, spy.calls)
+        assert [call.split(".")[1] for call in spy.calls] == (["mul"] if rescaled else []), (factor, guess, spy.calls)
         assert_close_rel(x.grad, factor * want, tol, f"grad at upstream {factor} after {guess}")
-        guess = factor
-    assert logprob.UPSTREAM_GUESS.value == 0.125
+        # Bitwise the same whether the guess held or not: only powers of two become the guess.
+        assert torch.equal(grads.setdefault(factor, x.grad), x.grad), (factor, guess)
+        guess = factor if abs(factor) in (0.125, 0.25, 1.0) else guess
+    assert logprob.UPSTREAM_GUESS.value == -0.125  # recorded for float16 too; its forward writes for 1
     # A batched upstream gradient (vmap over the backward, graph freed after it) has no one value: multiplied.
     x = logits.clone().requires_grad_()
     batched, = torch.autograd.grad(op(x, d, backend), x, grad_outputs=torch.tensor([0.125, -2.0]),

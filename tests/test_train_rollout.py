@@ -98,22 +98,25 @@ def _reference_loss(cfg, logits, batch):
                   reduction="sum", entropy_coef=cfg.entropy_coef, with_entropy=True)
 
 
-@pytest.mark.parametrize(("entropy_coef", "fused_lm_head"), [(0.0, False), (0.37, False), (-0.2, True)])
+@pytest.mark.parametrize(("entropy_coef", "fused_lm_head", "normalizer"),
+                         [(0.0, False, None), (0.37, False, 6.5), (-0.2, True, None), (0.1, True, 2.25)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("algo", ["apa", "ppo", "awr"])
-def test_policy_losses_match_float64_references(algo, backend, entropy_coef, fused_lm_head):
+def test_policy_losses_match_float64_references(algo, backend, entropy_coef, fused_lm_head, normalizer):
     """The loss (with the entropy bonus), the entropy of the same call and the gradient, on the logits path and
-    from hidden states (`fused_lm_head`)."""
+    from hidden states (`fused_lm_head`); the sum over tokens, or divided by the update's normalizer."""
     cfg = TrainConfig(algo=algo, loss_backend=backend, temperature=0.7, entropy_coef=entropy_coef,
                       fused_lm_head=fused_lm_head)
     batch, head = _batch(), _Head(8, 11)
     hidden = torch.randn(3, 5, 8, requires_grad=True)
-    loss, entropy = policy_loss(cfg, head, hidden, batch)
+    loss, entropy = policy_loss(cfg, head, hidden, batch, normalizer)
     loss.backward()
     grad = hidden.grad.clone()
     head64 = _Head(8, 11).double()
     head64.load_state_dict(head.state_dict())
     expected, expected_entropy, dlogits = _reference_loss(cfg, head64.lm_head(hidden.detach().double()), batch)
+    if normalizer is not None:
+        expected, dlogits = expected / normalizer, dlogits / normalizer
     # float32 logits against float64: a few ulps of float32 relative to each sum.
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     assert entropy.dtype == torch.float32 and not entropy.requires_grad

@@ -27,12 +27,15 @@ LOSS_OPS = {"apa": (apa_fast.loss, apa_fast.linear_loss), "ppo": (apa_fast.ppo_l
             "awr": (apa_fast.awr_loss, apa_fast.linear_awr_loss)}
 
 
-def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout,
+                normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, entropy)`` of the configured policy loss; ``hidden`` ``(B, R, H)`` scores the response.
 
     ``loss``: the sum over response tokens of the algorithm's loss minus ``cfg.entropy_coef`` times the token
-    entropy; ``entropy``: float32 ``(B, R)``, the policy's entropy at the sampling temperature on each response
-    token (0 elsewhere), detached, from the same pass over the vocabulary as the loss (no second forward).
+    entropy, divided by ``normalizer`` when given (inside the op, so that its backward gets an upstream gradient
+    of 1 and hands over the gradient the forward wrote, with no rescale pass); ``entropy``: float32 ``(B, R)``,
+    the policy's entropy at the sampling temperature on each response token (0 elsewhere), detached, from the
+    same pass over the vocabulary as the loss (no second forward).
     With ``cfg.fused_lm_head`` the lm_head projection is fused into the loss (`apa_fast.linear_loss` and its
     twins): the ``(B, R, V)`` logits and their gradient never exist. Under ZeRO-3 the caller holds the lm_head
     gathered (`lm_head_gathered`) over this call and the backward.
@@ -43,8 +46,9 @@ def policy_loss(cfg: TrainConfig, model, hidden: torch.Tensor, batch: Rollout) -
         data, hyper = (batch.logprobs, batch.advantages), dict(clip_eps=cfg.ppo_clip_eps)
     else:
         data, hyper = (batch.advantages,), dict(lam=cfg.awr_lam, max_weight=cfg.awr_max_weight)
-    common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE, reduction="sum",
-                  backend=cfg.loss_backend, entropy_coef=cfg.entropy_coef, return_entropy=True, **hyper)
+    common = dict(temperature=cfg.logprob_temperature, ignore_index=IGNORE,
+                  reduction="sum" if normalizer is None else "mean", normalizer=normalizer, backend=cfg.loss_backend,
+                  entropy_coef=cfg.entropy_coef, return_entropy=True, **hyper)
     logits_op, linear_op = LOSS_OPS[cfg.algo]
     lm_head = model.lm_head
     if cfg.fused_lm_head:
@@ -92,14 +96,14 @@ def train_on_rollout(engine, rollout: Rollout, cfg: TrainConfig, step: int, worl
         for start in range(0, rows, local_minibatch):
             batch = rollout.rows(order[start : start + local_minibatch].to(rollout.input_ids.device))
             tokens = all_reduce_sum(batch.response_mask.sum().double().cpu()).item()
-            scale = world_size / max(tokens, 1.0)
+            # Each process's share of the mean over the minibatch's tokens of every process.
+            normalizer = max(tokens, 1.0) / world_size
             tokens_total += tokens
             hidden, values = engine(batch.input_ids, batch.attention_mask, position_ids(batch.attention_mask))
             response = slice(prompt_len - 1, -1)
             with lm_head_gathered(cfg, model):
-                pg_loss, entropy = policy_loss(cfg, model, hidden[:, response], batch)
-                pg_loss = pg_loss * scale
-                vf_loss = value_loss(None if values is None else values[:, response], batch) * scale
+                pg_loss, entropy = policy_loss(cfg, model, hidden[:, response], batch, normalizer)
+                vf_loss = value_loss(None if values is None else values[:, response], batch) / normalizer
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 finite = all_reduce_sum(torch.isfinite(loss.detach()).float().cpu()).item() == world_size
                 if not finite:
