@@ -246,7 +246,7 @@ def test_rows_that_do_not_count_are_never_projected(monkeypatch):
     projected = []
     original = linear_module._Projection.logits
     monkeypatch.setattr(linear_module._Projection, "logits",
-                        lambda self, rows: projected.append(rows.shape[0]) or original(self, rows))
+                        lambda self, rows, *out: projected.append(rows.shape[0]) or original(self, rows, *out))
     hidden, weight, bias, labels, aux, adv, mask, _ = make_inputs((4, 10), 16, 101, ignore_frac=0.0)
     mask[:] = False
     mask[1, 3:6] = True
@@ -272,12 +272,12 @@ def test_default_chunk_size_bounds_accumulations_and_memory(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     chunk = linear_module._chunk_rows
     monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 80 * 2**30)
-    assert chunk(0, 1792, 1024, 50400, torch.float32, cpu) == 256  # 2,048 tokens, 1 in 8 masked: 7 chunks
-    assert chunk(0, 3584, 1024, 50400, torch.float32, cpu) == 448  # 4,096 tokens: 8 chunks
-    assert chunk(0, 500, 1024, 50400, torch.float32, cpu) == 128  # the floor: 4 chunks, not 8 of 63 rows
+    assert chunk(0, 1792, 1024, 50400, torch.float32, cpu) == 448  # 2,048 tokens, 1 in 8 masked: 4 chunks
+    assert chunk(0, 3584, 1024, 50400, torch.float32, cpu) == 896  # 4,096 tokens: 4 chunks
+    assert chunk(0, 300, 1024, 50400, torch.float32, cpu) == 128  # the floor: 3 chunks, not 4 of 75 rows
     assert chunk(0, 50, 1024, 50400, torch.float32, cpu) == 50  # never more than the rows
-    assert chunk(0, 16384, 4096, 50400, torch.bfloat16, cuda) == 2432  # the floor: 7 chunks
-    assert chunk(0, 65536, 4096, 50400, torch.bfloat16, cuda) == 8192  # 8 chunks of 826 MB of logits
+    assert chunk(0, 8192, 4096, 50400, torch.bfloat16, cuda) == 2432  # the floor: 4 chunks, not of 2,048 rows
+    assert chunk(0, 65536, 4096, 50400, torch.bfloat16, cuda) == 16384  # 4 chunks of 1.65 GB of logits
     huge = chunk(0, 2**20, 4096, 151936, torch.bfloat16, cuda)
     assert huge * 151936 * 2 <= linear_module.MAX_CHUNK_BYTES["cuda"] and huge >= 2432
     monkeypatch.setattr(linear_module, "_free_bytes", lambda device: 2**30)
