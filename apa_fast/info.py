@@ -84,8 +84,8 @@ def design_report(tokens: int, vocab: int, dtype_name: str, device: torch.device
         f"training mode (=1) BLOCK_V {d.block_v}, {d.num_warps} warps, {d.programs} programs (up to "
         f"{d.ctas_per_sm} per SM, {min(d.programs, sms)} of {sms} SMs streaming), rows in flight "
         f"{d.rows_in_flight_bytes / 1e6:.1f} MB; DRAM {d.training_mode_bytes}L = "
-        f"{d.training_mode_bytes * logits_gb:.2f} GB (+2L on a step whose upstream gradient differs from the "
-        f"previous step's)",
+        f"{d.training_mode_bytes * logits_gb:.2f} GB (+2L on a step whose upstream gradient is not a power of two "
+        f"or differs from the previous step's)",
         f"two kernels (=0) BLOCK_V {block}, {warps} warps, one program per row (forward, then backward); "
         f"DRAM 3L = {3 * logits_gb:.2f} GB",
     ])
