@@ -4,17 +4,13 @@ import json
 import re
 
 import pytest
+from train_runs import SETS, SMALL
 
 from apa_fast.train import cli, frontier
 from apa_fast.train.config import TrainConfig
 from apa_fast.train.frontier import GridError, parse_grid, plan
 from apa_fast.train.rollout import KLController
 from apa_fast.train.trainer import train
-
-SMALL = dict(rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6, max_prompt_tokens=32,
-             save_every=2, tiny_width=32, tiny_heads=2, tiny_vocab=384)
-SETS = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
-
 
 # --- grid strings ---
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_runs import SETS, run_fixtures, small
 
 from apa_fast.train import cli, frontier, trainer
 from apa_fast.train.checkpoint import CheckpointError, latest_checkpoint, run_dir_lock
@@ -20,14 +21,7 @@ from apa_fast.train.config import ConfigError, TrainConfig, check_sources
 from apa_fast.train.frontier import GridError, parse_grid, plan
 from apa_fast.train.trainer import train
 
-SMALL = dict(rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6, max_prompt_tokens=32,
-             save_every=2, tiny_width=32, tiny_heads=2, tiny_vocab=384)
-SETS = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def small(run_dir, **fields):
-    return TrainConfig(**{**SMALL, "output_dir": str(run_dir), **fields})
 
 
 def one_line_exit_2(capsys, argv):
@@ -45,19 +39,7 @@ def subprocess_env():
     return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A 2-step run with a checkpoint at step 2; tests work on copies of it."""
-    run = tmp_path_factory.mktemp("guards") / "run"
-    train(small(run, max_steps=2))
-    return run
-
-
-@pytest.fixture
-def run(finished_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(finished_run, copy)
-    return copy
+finished_run, run = run_fixtures(steps=2)  # a checkpoint at step 2
 
 
 # --- class 1 (item 4): one trainer per run directory ---

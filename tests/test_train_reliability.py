@@ -7,18 +7,12 @@ import shutil
 import sys
 
 import pytest
+from train_runs import SETS, run_fixtures, small
 
 from apa_fast.train import checkpoint, cli
 from apa_fast.train.checkpoint import CheckpointError, prune, truncate_metrics
 from apa_fast.train.config import ConfigError, TrainConfig, load_config, read_deepspeed_json
 from apa_fast.train.trainer import train
-
-SMALL = dict(rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6, max_prompt_tokens=32,
-             save_every=2, tiny_width=32, tiny_heads=2, tiny_vocab=384)
-
-
-def small(run_dir, **fields):
-    return TrainConfig(**{**SMALL, "output_dir": str(run_dir), **fields})
 
 
 def steps(run_dir):
@@ -32,19 +26,7 @@ def listing(run_dir):
             for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A 4-step run with checkpoints at steps 2 and 4; tests work on copies of it."""
-    run = tmp_path_factory.mktemp("base") / "run"
-    train(small(run, max_steps=4))
-    return run
-
-
-@pytest.fixture
-def run(finished_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(finished_run, copy)
-    return copy
+finished_run, run = run_fixtures(steps=4)  # checkpoints at steps 2 and 4
 
 
 # --- class 1: every config field is checked (type, range) before any work starts ---
@@ -207,7 +189,7 @@ def test_resume_without_a_complete_checkpoint_refuses_and_touches_nothing(run, s
         train(small(run, max_steps=6))
     assert listing(run) == before
     with pytest.raises(SystemExit) as info:
-        cli.main(["--output-dir", str(run), "--resume", *(a for k, v in SMALL.items() for a in ("--set", f"{k}={v}"))])
+        cli.main(["--output-dir", str(run), "--resume", *SETS])
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
@@ -313,7 +295,7 @@ def test_corrupt_checkpoint_file_is_named(run, name, capsys):
         train(small(run, max_steps=6), resume=True)
     with pytest.raises(SystemExit) as info:
         cli.main(["--output-dir", str(run), "--max-steps", "6", "--resume",
-                  *(a for k, v in SMALL.items() for a in ("--set", f"{k}={v}"))])
+                  *SETS])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith(f"apa-train: error: {damaged}: ") and err.count("\n") == 1
 
